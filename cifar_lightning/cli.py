@@ -1,0 +1,436 @@
+"""Command-line entry points. Thin: parse, build, run, report; every failure is one line.
+
+    cifar-train --data-dir ../shared/data/cifar10                       # the seed recipe
+    cifar-train --data-dir ../shared/data/cifar10 --init-from RUN/checkpoints/last.ckpt --augment seed --epochs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifar_lightning.augment import AUGMENTS, SEED_DEFAULTS, STANDARD_DEFAULTS
+
+# Resolved in this order, later wins: TRAIN_DEFAULTS < (resumed run's config) < --config < flags.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "model": "seed",
+    "epochs": 20,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "optimizer": "adam",
+    "weight_decay": 0.0,
+    "schedule": "none",
+    "label_smoothing": 0.0,
+    "augment": "none",
+    "accelerator": "auto",
+    "devices": "auto",
+    "precision": "32-true",
+    "seed": 0,
+    "deterministic": False,
+    "data_dir": "data",
+    "data_source": "auto",
+    "download": True,
+    "val_size": 5000,
+    "split_seed": 0,
+    "limit_train_images": None,
+    "max_time": None,
+    "resume": None,
+    "init_from": None,
+    "log_dir": "lightning_logs",
+    "num_workers": 0,
+    "channels_last": True,
+    "progress_bar": None,
+    # augmentation ranges; None = the recipe's default (augment.SEED_DEFAULTS / STANDARD_DEFAULTS)
+    "shift": None,
+    "flip": None,
+    "zoom": None,
+    "rotation": None,
+    "brightness": None,
+    "crop_padding": None,
+}
+AUG_OPTIONS = ("shift", "flip", "zoom", "rotation", "brightness", "crop_padding")
+PRECISIONS = ("64-true", "64", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump) and exits with 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _devices(text: str) -> int | str:
+    if text == "auto" or re.fullmatch(r"\d+(,\d+)*,?", text) and "," in text:
+        return text
+    if text == "-1":
+        return -1
+    try:
+        return _positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', a count or a list like '0,1', got {text!r}") from None
+
+
+def parse_max_time(value: str | int | float | None) -> dt.timedelta | None:
+    """Seconds ('1800'), or Lightning's 'DD:HH:MM:SS' / 'HH:MM:SS' / 'MM:SS'."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        if ":" not in text:
+            seconds = float(text)
+        else:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) > 4:
+                raise ValueError
+            seconds = 0.0
+            for unit, p in zip((1, 60, 3600, 86400), reversed(parts), strict=False):
+                seconds += unit * p
+    except ValueError:
+        raise CLIError(f"--max-time: expected seconds or DD:HH:MM:SS, got {text!r}") from None
+    if seconds <= 0:
+        raise CLIError(f"--max-time must be positive, got {text!r}")
+    return dt.timedelta(seconds=seconds)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    d = TRAIN_DEFAULTS
+    p = OneLineParser(
+        prog="cifar-train",
+        description="Train a CIFAR-10 classifier with PyTorch Lightning, then test it on the official test set.",
+        argument_default=argparse.SUPPRESS,  # only flags actually given override the config
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file with any of these options (keys as flag names, - or _)")
+
+    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--model", help=f"network name (default {d['model']})")
+    g.add_argument("--epochs", type=_positive_int, help=f"(default {d['epochs']})")
+    g.add_argument("--batch-size", type=_positive_int, help=f"(default {d['batch_size']})")
+    g.add_argument("--lr", type=_positive_float, help=f"learning rate (default {d['lr']})")
+    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), help=f"(default {d['optimizer']})")
+    g.add_argument("--weight-decay", type=_non_negative_float, help=f"(default {d['weight_decay']})")
+    g.add_argument("--schedule", choices=("none", "cosine", "onecycle"), help="learning-rate schedule (default none)")
+    g.add_argument("--label-smoothing", type=_non_negative_float, help="(default 0)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help=f"CIFAR-10 folder: image-folder tree or torchvision's (default {d['data_dir']})")
+    g.add_argument("--data-source", choices=("auto", "imagefolder", "cifar10"), help="force the source kind (default auto)")
+    g.add_argument("--no-download", dest="download", action="store_false", help="never download CIFAR-10")
+    g.add_argument("--val-size", type=_non_negative_int, help=f"training images held out for validation (default {d['val_size']})")
+    g.add_argument("--split-seed", type=int, help="seed of the fixed train/val split (default 0)")
+    g.add_argument("--limit-train-images", type=_positive_int, help="train on the first N images of the split")
+    g.add_argument("--num-workers", type=_non_negative_int, help="DataLoader workers; data is in memory (default 0)")
+
+    g = p.add_argument_group("augmentation (on the device, training batches only)")
+    g.add_argument("--augment", choices=AUGMENTS, help="none | seed (the notebook's ops) | standard (crop+flip)")
+    sd = SEED_DEFAULTS
+    g.add_argument("--shift", type=_non_negative_float, help=f"seed: max shift, fraction of side (default {sd['shift']})")
+    g.add_argument("--flip", type=_non_negative_float, help=f"seed/standard: flip probability (default {sd['flip']})")
+    g.add_argument("--zoom", type=_non_negative_float, help=f"seed: scale range 1±zoom (default {sd['zoom']})")
+    g.add_argument("--rotation", type=_non_negative_float, help=f"seed: max degrees (default {sd['rotation']})")
+    g.add_argument("--brightness", type=_non_negative_float, help=f"seed: factor range 1±b (default {sd['brightness']})")
+    g.add_argument("--crop-padding", type=_non_negative_int, help=f"standard: pad px (default {STANDARD_DEFAULTS['crop_padding']})")
+
+    g = p.add_argument_group("trainer")
+    g.add_argument("--accelerator", choices=ACCELERATORS, help="(default auto)")
+    g.add_argument("--devices", type=_devices, help="device count or ids (default auto)")
+    g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d['precision']})")
+    g.add_argument("--seed", type=int, help=f"seed for init, shuffling, augmentation (default {d['seed']})")
+    g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms")
+    g.add_argument("--max-time", help="stop after this long: seconds or DD:HH:MM:SS")
+    g.add_argument("--channels-last", dest="channels_last", action="store_true", help="NHWC memory (default, ~15%% faster on CPU)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    g.add_argument("--progress-bar", dest="progress_bar", action="store_true", help="default: on when stderr is a terminal")
+    g.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
+
+    g = p.add_argument_group("runs and checkpoints")
+    g.add_argument("--log-dir", help=f"runs go to LOG_DIR/version_N (default {d['log_dir']})")
+    g.add_argument("--resume", metavar="PATH|last", help="continue a run from its checkpoint ('last': newest run's last.ckpt)")
+    g.add_argument("--init-from", metavar="CKPT", help="start a NEW run from these weights (e.g. refit with augmentation)")
+    return p
+
+
+def _read_yaml_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise CLIError(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise CLIError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise CLIError(f"--config {path}: expected a mapping of option: value")
+    cfg = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(cfg) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise CLIError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    return cfg
+
+
+def _check_config_values(cfg: dict[str, Any]) -> None:
+    """Values that came from YAML skipped argparse's checks: check the ones that matter here."""
+    for key in ("epochs", "batch_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise CLIError(f"--{key.replace('_', '-')} must be an integer >= 1, got {cfg[key]!r}")
+    if not isinstance(cfg["val_size"], int) or cfg["val_size"] < 0:
+        raise CLIError(f"--val-size must be an integer >= 0, got {cfg['val_size']!r}")
+    if cfg["precision"] not in PRECISIONS:
+        raise CLIError(f"--precision {cfg['precision']!r}: choose from {', '.join(PRECISIONS)}")
+    if cfg["accelerator"] not in ACCELERATORS:
+        raise CLIError(f"--accelerator {cfg['accelerator']!r}: choose from {', '.join(ACCELERATORS)}")
+    if cfg["augment"] not in AUGMENTS:
+        raise CLIError(f"--augment {cfg['augment']!r}: choose from {', '.join(AUGMENTS)}")
+    if cfg["resume"] and cfg["init_from"]:
+        raise CLIError("--resume and --init-from exclude each other: resume continues a run, init-from starts a new one")
+
+
+def _version_of(run_dir: Path) -> int | None:
+    m = re.fullmatch(r"version_(\d+)", run_dir.name)
+    return int(m.group(1)) if m else None
+
+
+def find_last_checkpoint(log_dir: Path) -> Path:
+    """The newest run's last.ckpt under log_dir (for --resume last)."""
+    runs = sorted(
+        (v, p) for p in (log_dir.iterdir() if log_dir.is_dir() else []) if (v := _version_of(p)) is not None
+    )
+    for _, run in reversed(runs):
+        if (run / "checkpoints" / "last.ckpt").is_file():
+            return run / "checkpoints" / "last.ckpt"
+    raise CLIError(f"--resume last: no run with checkpoints/last.ckpt under {log_dir}")
+
+
+def claim_new_run_dir(log_dir: Path) -> Path:
+    """Create LOG_DIR/version_N with the next free N; mkdir is atomic, so two runs started at
+    once never share (and overwrite) a directory."""
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        taken = [v for p in log_dir.iterdir() if (v := _version_of(p)) is not None]
+    except OSError as e:
+        raise CLIError(f"--log-dir {log_dir}: cannot create or read it ({e.strerror})") from None
+    n = max(taken, default=-1) + 1
+    while True:
+        run = log_dir / f"version_{n}"
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            n += 1
+        except OSError as e:
+            raise CLIError(f"--log-dir {log_dir}: cannot create a run directory there ({e.strerror})") from None
+
+
+def resolve_train_config(argv: list[str] | None) -> dict[str, Any]:
+    args = vars(train_parser().parse_args(argv))
+    cfg = dict(TRAIN_DEFAULTS)
+    file_cfg = _read_yaml_config(args.pop("config")) if "config" in args else {}
+    resume = args.get("resume", file_cfg.get("resume"))
+    if resume:
+        # A resumed run keeps its own saved configuration; flags given now still override it.
+        log_dir = Path(args.get("log_dir", file_cfg.get("log_dir", cfg["log_dir"])))
+        ckpt = find_last_checkpoint(log_dir) if resume == "last" else Path(resume)
+        saved = ckpt.parent.parent / "config.yaml"
+        if saved.is_file():
+            cfg.update({k: v for k, v in _read_yaml_config(str(saved)).items() if k in TRAIN_DEFAULTS})
+        cfg["resume"] = str(ckpt)
+    cfg.update(file_cfg)
+    cfg.update(args)
+    if resume:
+        cfg["resume"] = str(ckpt)
+    _check_config_values(cfg)
+    return cfg
+
+
+def _quiet_lightning() -> None:
+    """Silence warnings that do not apply to this design (in-memory data needs no workers)."""
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
+def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train, checkpoint, test on the official test set; returns the results written to
+    results.json in the run directory."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from cifar_lightning.callbacks import EpochReport
+    from cifar_lightning.data import CIFAR10DataModule
+    from cifar_lightning.module import ImageClassifier, classifier_from_checkpoint, load_checkpoint
+
+    t0 = time.perf_counter()
+    _quiet_lightning()
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    aug_options = {k: cfg[k] for k in AUG_OPTIONS if cfg[k] is not None}
+    dm = CIFAR10DataModule(
+        data_dir=cfg["data_dir"], batch_size=cfg["batch_size"], val_size=cfg["val_size"],
+        split_seed=cfg["split_seed"], limit_train_images=cfg["limit_train_images"], augment=cfg["augment"],
+        augment_options=aug_options, source=cfg["data_source"], num_workers=cfg["num_workers"],
+        download=cfg["download"],
+    )  # fmt: skip
+    # Data problems surface here, before a run directory exists.
+    dm.prepare_data()
+    dm.setup("fit")
+    classes = list(dm.classes)
+
+    resume_ckpt = None
+    if cfg["resume"]:
+        resume_ckpt = Path(cfg["resume"])
+        ckpt = load_checkpoint(resume_ckpt)
+        module = classifier_from_checkpoint(ckpt, resume_ckpt)
+        run_dir = resume_ckpt.parent.parent
+        if _version_of(run_dir) is None or resume_ckpt.parent.name != "checkpoints":
+            raise CLIError(f"--resume {resume_ckpt}: expected a checkpoint inside LOG_DIR/version_N/checkpoints/")
+    else:
+        try:
+            module = ImageClassifier(
+                model=cfg["model"], num_classes=len(classes), lr=cfg["lr"], optimizer=cfg["optimizer"],
+                weight_decay=cfg["weight_decay"], schedule=cfg["schedule"],
+                label_smoothing=cfg["label_smoothing"], class_names=classes,
+            )  # fmt: skip
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        if cfg["init_from"]:
+            src = load_checkpoint(cfg["init_from"])
+            if src["hyper_parameters"]["model"] != cfg["model"]:
+                raise CLIError(
+                    f"--init-from {cfg['init_from']}: a {src['hyper_parameters']['model']!r} checkpoint "
+                    f"cannot initialise --model {cfg['model']!r}"
+                )
+            try:
+                module.net.load_state_dict({k[4:]: v for k, v in src["state_dict"].items() if k.startswith("net.")})
+            except RuntimeError as e:
+                raise CLIError(f"--init-from {cfg['init_from']}: weights do not fit ({str(e).splitlines()[0]})") from None
+        run_dir = claim_new_run_dir(Path(cfg["log_dir"]))
+    if cfg["channels_last"]:
+        module = module.to(memory_format=torch.channels_last)
+        module.channels_last = True
+
+    with open(run_dir / "config.yaml", "w") as f:
+        yaml.safe_dump({k: v for k, v in cfg.items() if k != "resume"}, f, sort_keys=False)
+
+    has_val = cfg["val_size"] > 0
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best-epoch{epoch:02d}-val_acc{val_acc:.4f}" if has_val else "epoch{epoch:02d}",
+        monitor="val_acc" if has_val else None, mode="max", save_last=True, auto_insert_metric_name=False,
+    )  # fmt: skip
+    progress = cfg["progress_bar"] if cfg["progress_bar"] is not None else sys.stderr.isatty()
+    logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=run_dir.name, default_hp_metric=False)
+    trainer = L.Trainer(
+        max_epochs=cfg["epochs"], accelerator=cfg["accelerator"], devices=cfg["devices"],
+        precision=cfg["precision"], deterministic=cfg["deterministic"], max_time=parse_max_time(cfg["max_time"]),
+        logger=logger, callbacks=[checkpoint, LearningRateMonitor("epoch"), EpochReport()],
+        enable_progress_bar=progress, log_every_n_steps=50,
+        limit_val_batches=1.0 if has_val else 0, num_sanity_val_steps=0 if not has_val else 2,
+        enable_model_summary=progress,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    if trainer.interrupted:
+        raise CLIError(f"training interrupted; resume with: cifar-train --resume {run_dir / 'checkpoints' / 'last.ckpt'}")
+
+    best = checkpoint.best_model_path if has_val and checkpoint.best_model_path else checkpoint.last_model_path
+    test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+    wall = time.perf_counter() - t0
+    report = next(c for c in trainer.callbacks if isinstance(c, EpochReport))
+    results = {
+        "test_acc": float(test_metrics["test_acc"]),
+        "test_loss": float(test_metrics["test_loss"]),
+        "best_val_acc": float(checkpoint.best_model_score) if has_val and checkpoint.best_model_score is not None else None,
+        "best_checkpoint": str(best),
+        "last_checkpoint": str(checkpoint.last_model_path),
+        "epochs_run": trainer.current_epoch,
+        "epoch_seconds": report.epoch_seconds,
+        "train_seconds": report.train_seconds,
+        "wall_seconds": wall,
+        "run_dir": str(run_dir),
+        "config": cfg,
+    }
+    if trainer.is_global_zero:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def print_summary(r: dict[str, Any]) -> None:
+    per_epoch = r["train_seconds"]
+    mean_epoch = sum(per_epoch) / len(per_epoch) if per_epoch else float("nan")
+    print(
+        "\n"
+        f"test accuracy   {r['test_acc']:.4f}   (official test set, {Path(r['best_checkpoint']).name})\n"
+        f"test loss       {r['test_loss']:.4f}\n"
+        f"wall time       {r['wall_seconds']:.1f} s   ({mean_epoch:.1f} s per training epoch, {len(per_epoch)} epochs this session)\n"
+        f"best checkpoint {r['best_checkpoint']}\n"
+        f"results         {Path(r['run_dir']) / 'results.json'}\n"
+        f"watch it        tensorboard --logdir {Path(r['run_dir']).parent}"
+    )
+
+
+def _fail(prog: str, message: str, code: int) -> int:
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Entry point of cifar-train."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from cifar_lightning.data import DataError
+    from cifar_lightning.module import CheckpointError
+
+    try:
+        cfg = resolve_train_config(argv)
+        results = run_training(cfg)
+    except (CLIError, DataError, CheckpointError, MisconfigurationException) as e:
+        return _fail("cifar-train", str(e), 2)
+    except KeyboardInterrupt:
+        return _fail("cifar-train", "interrupted", 130)
+    except Exception as e:
+        if os.environ.get("CIFAR_LIGHTNING_DEBUG"):
+            raise
+        return _fail("cifar-train", f"{type(e).__name__}: {e} (set CIFAR_LIGHTNING_DEBUG=1 for a traceback)", 1)
+    print_summary(results)
+    return 0

@@ -1,0 +1,385 @@
+"""CIFAR-10 as uint8 tensors: sources, on-disk cache, seeded split, normalisation.
+
+Images are decoded once into a (N, 3, 32, 32) uint8 tensor and kept in memory; batches are
+sliced from it, moved to the device as uint8 and only there augmented and normalised (see
+``on_after_batch_transfer``). On a 2-core machine a per-sample PIL pipeline in DataLoader
+workers costs more than the seed network itself.
+
+    python -c "from cifar_lightning import CIFAR10DataModule as D; d=D('../shared/data/cifar10'); d.setup('fit'); print(len(d.train_set))"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+CLASSES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+# Per-channel statistics of the 50,000 CIFAR-10 training images (pixel values in [0, 1]).
+MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+IMAGE_SIZE = 32
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+SOURCES = ("auto", "imagefolder", "cifar10")
+CACHE_VERSION = 1
+
+
+class DataError(ValueError):
+    """A data problem the user can fix (missing dir, bad image, failed download)."""
+
+
+@dataclass
+class Images:
+    """Decoded images of one split: uint8 (N, 3, H, W) and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+
+class TensorImages(Dataset):
+    """Map-style dataset over in-memory tensors that hands out whole batches.
+
+    ``__getitems__`` lets the DataLoader slice one batch with a single index op instead of
+    N ``__getitem__`` calls and a collate; samplers (shuffle, DistributedSampler) still work.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.labels[idx]
+
+
+def batch_collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate for ``TensorImages``: the batch is already stacked."""
+    return batch
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float images -> float tensor normalised with the CIFAR-10 train stats."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def detect_source(data_dir: Path) -> str:
+    """'imagefolder' for a train|test/<class>/ tree, else 'cifar10' (torchvision, may download)."""
+    if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
+        return "imagefolder"
+    return "cifar10"
+
+
+def _class_dirs(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    return sorted(
+        p for p in class_dir.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    )  # fmt: skip
+
+
+def imagefolder_listing(data_dir: Path) -> dict[str, list[tuple[str, list[Path]]]]:
+    """{split: [(class, files)]}; checks that both splits hold the same non-empty classes."""
+    listing: dict[str, list[tuple[str, list[Path]]]] = {}
+    for split in ("train", "test"):
+        split_dir = data_dir / split
+        if not split_dir.is_dir():
+            raise DataError(f"{split_dir}: missing; an image-folder data dir needs train/<class>/ and test/<class>/")
+        classes = _class_dirs(split_dir)
+        if not classes:
+            raise DataError(f"{split_dir}: no class folders found")
+        entries = []
+        for class_dir in classes:
+            files = _image_files(class_dir)
+            if not files:
+                raise DataError(f"{class_dir}: class folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            entries.append((class_dir.name, files))
+        listing[split] = entries
+    train_classes = [c for c, _ in listing["train"]]
+    test_classes = [c for c, _ in listing["test"]]
+    if train_classes != test_classes:
+        raise DataError(
+            f"{data_dir}: train and test class folders differ: "
+            f"train has {train_classes}, test has {test_classes}"
+        )
+    return listing
+
+
+def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Any PIL-readable file -> (3, size, size) uint8 RGB; other sizes are resized (bilinear)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: not a readable image ({e})") from None
+    return arr.transpose(2, 0, 1)
+
+
+def decode_listing(entries: list[tuple[str, list[Path]]]) -> Images:
+    files = [f for _, fs in entries for f in fs]
+    labels = [i for i, (_, fs) in enumerate(entries) for _ in fs]
+    images = np.empty((len(files), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    for i, f in enumerate(files):
+        images[i] = decode_image(f)
+    return Images(torch.from_numpy(images), torch.tensor(labels, dtype=torch.long), tuple(c for c, _ in entries))
+
+
+def listing_fingerprint(listing: dict[str, list[tuple[str, list[Path]]]], root: Path) -> str:
+    """Hash of every file's relative path, size and mtime: any change makes the cache stale."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    for split, entries in listing.items():
+        for cls, files in entries:
+            for f in files:
+                st = f.stat()
+                h.update(f"{split}/{cls}/{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """Per-user cache, so a read-only data dir works: $CIFAR_LIGHTNING_CACHE or XDG cache."""
+    env = os.environ.get("CIFAR_LIGHTNING_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar-lightning"
+
+
+def cache_path_for(data_dir: Path, cache_dir: Path) -> Path:
+    key = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+    return cache_dir / f"{data_dir.resolve().name}-{key}.pt"
+
+
+def _read_cache(path: Path, fingerprint: str) -> dict[str, Images] | None:
+    """The cached splits, or None when the cache is absent, stale or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob.get("fingerprint") != fingerprint:
+            return None
+        out = {}
+        for split in ("train", "test"):
+            images, labels = blob[f"{split}_images"], blob[f"{split}_labels"]
+            ok = (
+                images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+                and labels.dtype == torch.long and len(labels) == len(images)
+            )  # fmt: skip
+            if not ok:
+                return None
+            out[split] = Images(images, labels, tuple(blob["classes"]))
+        return out
+    except Exception:  # any failure to read means: rebuild
+        return None
+
+
+def _write_cache(path: Path, fingerprint: str, splits: dict[str, Images]) -> bool:
+    """Atomic write (temp file + rename); False if the cache dir is not writable."""
+    blob = {"fingerprint": fingerprint, "classes": list(splits["train"].classes)}
+    for split, d in splits.items():
+        blob[f"{split}_images"] = d.images
+        blob[f"{split}_labels"] = d.labels
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        return False
+
+
+def load_imagefolder(data_dir: Path, cache_dir: Path | None = None) -> dict[str, Images]:
+    """Decode a train|test/<class>/ tree, through the on-disk cache."""
+    listing = imagefolder_listing(data_dir)
+    fingerprint = listing_fingerprint(listing, data_dir)
+    path = cache_path_for(data_dir, cache_dir or default_cache_dir())
+    cached = _read_cache(path, fingerprint)
+    if cached is not None:
+        return cached
+    splits = {split: decode_listing(entries) for split, entries in listing.items()}
+    _write_cache(path, fingerprint, splits)
+    return splits
+
+
+def download_cifar10(data_dir: Path) -> None:
+    """torchvision's download into data_dir with its MD5 checks; one clear error offline."""
+    from torchvision.datasets import CIFAR10
+
+    probe = CIFAR10.__new__(CIFAR10)
+    probe.root = str(data_dir)
+    if probe._check_integrity():
+        return
+    try:
+        CIFAR10(str(data_dir), train=True, download=True)
+    except Exception as e:  # URLError, HTTPError, socket timeouts, a bad checksum...
+        raise DataError(
+            f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); "
+            "with no network, point --data-dir at a local copy (an image-folder tree "
+            "train|test/<class>/ or a folder holding cifar-10-batches-py)"
+        ) from None
+
+
+def load_torchvision_cifar10(data_dir: Path) -> dict[str, Images]:
+    from torchvision.datasets import CIFAR10
+
+    out = {}
+    for split in ("train", "test"):
+        try:
+            ds = CIFAR10(str(data_dir), train=split == "train", download=False)
+        except RuntimeError as e:
+            raise DataError(f"{data_dir}: CIFAR-10 files missing or corrupt ({e}); run with download enabled") from None
+        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+        out[split] = Images(images, torch.tensor(ds.targets, dtype=torch.long), tuple(ds.classes))
+    return out
+
+
+def seeded_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_idx, val_idx): a fixed permutation of range(n), independent of the training seed."""
+    if not 0 <= val_size < n:
+        raise DataError(f"--val-size must be in [0, {n - 1}] for {n} training images, got {val_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[val_size:], perm[:val_size]
+
+
+# ----------------------------------------------------------------------------- data module
+
+
+class CIFAR10DataModule(L.LightningDataModule):
+    """CIFAR-10 from torchvision's archive or an image-folder tree, augmented on the device.
+
+    ``source``: 'auto' picks 'imagefolder' when data_dir has train/ and test/, else
+    'cifar10' (torchvision; downloaded in ``prepare_data`` when absent, MD5-checked).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 64,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        limit_train_images: int | None = None,
+        augment: str = "none",
+        augment_options: dict[str, float] | None = None,
+        source: str = "auto",
+        num_workers: int = 0,
+        eval_batch_size: int = 500,
+        download: bool = True,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        from cifar_lightning.augment import BatchAugment
+
+        if source not in SOURCES:
+            raise DataError(f"unknown data source {source!r}; choose from {', '.join(SOURCES)}")
+        if batch_size < 1:
+            raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+        if limit_train_images is not None and limit_train_images < 1:
+            raise DataError(f"--limit-train-images must be >= 1, got {limit_train_images}")
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir).expanduser()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        try:
+            self.augmenter = BatchAugment(augment, **(augment_options or {}))
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        self.classes: tuple[str, ...] = CLASSES
+        self._splits: dict[str, Images] | None = None
+        self.train_set: TensorImages | None = None
+        self.val_set: TensorImages | None = None
+        self.test_set: TensorImages | None = None
+
+    @property
+    def source(self) -> str:
+        src = self.hparams.source
+        return detect_source(self.data_dir) if src == "auto" else src
+
+    def prepare_data(self) -> None:
+        """Download only (runs on one process per node, before setup)."""
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise DataError(f"--data-dir {self.data_dir}: not a directory")
+        if self.source == "cifar10" and self.hparams.download:
+            download_cifar10(self.data_dir)
+
+    def load(self) -> dict[str, Images]:
+        if self._splits is None:
+            if not self.data_dir.is_dir():
+                raise DataError(f"--data-dir {self.data_dir}: no such directory")
+            if self.source == "imagefolder":
+                cache = Path(self.hparams.cache_dir) if self.hparams.cache_dir else None
+                self._splits = load_imagefolder(self.data_dir, cache)
+            else:
+                self._splits = load_torchvision_cifar10(self.data_dir)
+            self.classes = self._splits["train"].classes
+        return self._splits
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = self.load()
+        if stage in ("fit", "validate", None) and self.train_set is None:
+            train = splits["train"]
+            train_idx, val_idx = seeded_split(len(train.labels), self.hparams.val_size, self.hparams.split_seed)
+            if self.hparams.limit_train_images:
+                train_idx = train_idx[: self.hparams.limit_train_images]
+            self.train_set = TensorImages(train.images[train_idx], train.labels[train_idx])
+            self.val_set = TensorImages(train.images[val_idx], train.labels[val_idx])
+        if stage in ("test", "predict", None) and self.test_set is None:
+            test = splits["test"]
+            self.test_set = TensorImages(test.images, test.labels)
+
+    def _loader(self, ds: TensorImages | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if ds is None or len(ds) == 0:
+            raise DataError("no images for this split (check --val-size / --limit-train-images)")
+        return DataLoader(
+            ds, batch_size=batch_size, shuffle=shuffle, collate_fn=batch_collate,
+            num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:
+        """uint8 on the device -> (augmented, only while training) normalised float."""
+        images, labels = batch
+        training = self.trainer is not None and self.trainer.training
+        if training and self.augmenter.active:
+            images = self.augmenter(images)
+        return normalize(images), labels
+
