@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -223,6 +224,10 @@ def _check_config_values(cfg: dict[str, Any]) -> None:
         raise CLIError(f"--accelerator {cfg['accelerator']!r}: choose from {', '.join(ACCELERATORS)}")
     if cfg["augment"] not in AUGMENTS:
         raise CLIError(f"--augment {cfg['augment']!r}: choose from {', '.join(AUGMENTS)}")
+    from cifar_lightning.models import MODELS
+
+    if cfg["model"] not in MODELS:
+        raise CLIError(f"--model {cfg['model']!r}: unknown; choose from {', '.join(sorted(MODELS))}")
     if cfg["resume"] and cfg["init_from"]:
         raise CLIError("--resume and --init-from exclude each other: resume continues a run, init-from starts a new one")
 
@@ -361,14 +366,19 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     progress = cfg["progress_bar"] if cfg["progress_bar"] is not None else sys.stderr.isatty()
     logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=run_dir.name, default_hp_metric=False)
-    trainer = L.Trainer(
-        max_epochs=cfg["epochs"], accelerator=cfg["accelerator"], devices=cfg["devices"],
-        precision=cfg["precision"], deterministic=cfg["deterministic"], max_time=parse_max_time(cfg["max_time"]),
-        logger=logger, callbacks=[checkpoint, LearningRateMonitor("epoch"), EpochReport()],
-        enable_progress_bar=progress, log_every_n_steps=50,
-        limit_val_batches=1.0 if has_val else 0, num_sanity_val_steps=0 if not has_val else 2,
-        enable_model_summary=progress,
-    )  # fmt: skip
+    try:
+        trainer = L.Trainer(
+            max_epochs=cfg["epochs"], accelerator=cfg["accelerator"], devices=cfg["devices"],
+            precision=cfg["precision"], deterministic=cfg["deterministic"], max_time=parse_max_time(cfg["max_time"]),
+            logger=logger, callbacks=[checkpoint, LearningRateMonitor("epoch"), EpochReport()],
+            enable_progress_bar=progress, log_every_n_steps=50,
+            limit_val_batches=1.0 if has_val else 0, num_sanity_val_steps=0 if not has_val else 2,
+            enable_model_summary=progress,
+        )  # fmt: skip
+    except BaseException:
+        if not resume_ckpt:  # a new run that never started: leave no empty run directory behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
     if trainer.interrupted:
         raise CLIError(f"training interrupted; resume with: cifar-train --resume {run_dir / 'checkpoints' / 'last.ckpt'}")

@@ -86,8 +86,9 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def detect_source(data_dir: Path) -> str:
-    """'imagefolder' for a train|test/<class>/ tree, else 'cifar10' (torchvision, may download)."""
-    if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
+    """'imagefolder' for a train|test/<class>/ tree (either folder present), else 'cifar10'
+    (torchvision's archive, downloaded when absent)."""
+    if (data_dir / "train").is_dir() or (data_dir / "test").is_dir():
         return "imagefolder"
     return "cifar10"
 
@@ -256,7 +257,7 @@ def load_torchvision_cifar10(data_dir: Path) -> dict[str, Images]:
         try:
             ds = CIFAR10(str(data_dir), train=split == "train", download=False)
         except RuntimeError as e:
-            raise DataError(f"{data_dir}: CIFAR-10 files missing or corrupt ({e}); run with download enabled") from None
+            raise DataError(f"{data_dir}: CIFAR-10 files missing or corrupt ({e}); drop --no-download to fetch them") from None
         images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
         out[split] = Images(images, torch.tensor(ds.targets, dtype=torch.long), tuple(ds.classes))
     return out

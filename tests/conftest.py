@@ -1,0 +1,101 @@
+"""Tiny synthetic CIFAR-10 lookalikes in both source formats, and a local fake download."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import pickle
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_lightning.data import CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data" / "cifar10"
+
+
+def class_colour_image(label: int, rng: np.random.Generator) -> np.ndarray:
+    """32x32 RGB noise around a colour that depends on the class, so tiny runs can learn."""
+    base = np.array([(label * 25) % 256, (255 - label * 25) % 256, (label * 70) % 256], dtype=np.float64)
+    img = base + rng.normal(0, 30, (32, 32, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_imagefolder(root: Path, n_train: int = 12, n_test: int = 4, classes=CLASSES, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for label, cls in enumerate(classes):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(class_colour_image(label, rng)).save(d / f"{cls}_{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def imagefolder(tmp_path: Path) -> Path:
+    """train: 10 classes x 12 PNGs, test: 10 x 4."""
+    return write_imagefolder(tmp_path / "cifar_tree")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own decoded-image cache, never the user's."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CIFAR_LIGHTNING_CACHE", str(cache))
+    return cache
+
+
+def fake_cifar10_archive(n_train: int = 50, n_test: int = 20, seed: int = 0) -> tuple[bytes, dict[str, str]]:
+    """A small tar.gz in CIFAR-10's python format; returns (bytes, md5 of each member)."""
+    rng = np.random.default_rng(seed)
+    members: dict[str, bytes] = {}
+    per_batch = [n_train // 5 + (1 if i < n_train % 5 else 0) for i in range(5)]
+    for i, n in enumerate(per_batch, 1):
+        members[f"data_batch_{i}"] = pickle.dumps(
+            {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        )
+    members["test_batch"] = pickle.dumps(
+        {"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n_test).tolist()}
+    )
+    members["batches.meta"] = pickle.dumps({"label_names": list(CLASSES)})
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue(), {k: hashlib.md5(v).hexdigest() for k, v in members.items()}
+
+
+@pytest.fixture
+def fake_cifar10_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Serve a fake cifar-10-python.tar.gz over HTTP on localhost and point torchvision's
+    CIFAR10 at it (URL and every checksum), so the real download code path runs offline."""
+    from torchvision.datasets import CIFAR10
+
+    archive, md5s = fake_cifar10_archive()
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "cifar-10-python.tar.gz").write_bytes(archive)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz"
+    monkeypatch.setattr(CIFAR10, "url", url)
+    monkeypatch.setattr(CIFAR10, "tgz_md5", hashlib.md5(archive).hexdigest())
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5s[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5s["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5s["batches.meta"]})
+    yield url
+    server.shutdown()
+    server.server_close()

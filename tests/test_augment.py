@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cifar_lightning import augment
+from cifar_lightning.augment import BatchAugment
+from cifar_lightning.data import CIFAR10DataModule, normalize
+
+
+def textured_batch(n: int = 16) -> torch.Tensor:
+    """n copies of one image with structure everywhere, so any geometric change shows."""
+    g = torch.Generator().manual_seed(0)
+    one = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return one.repeat(n, 1, 1, 1)
+
+
+@pytest.mark.parametrize("mode", ["seed", "standard"])
+def test_augmentation_is_random_per_sample(mode: str) -> None:
+    torch.manual_seed(0)
+    out = BatchAugment(mode)(textured_batch(16)).float()
+    assert out.shape == (16, 3, 32, 32)
+    distinct = {tuple(o.flatten()[:200].round(decimals=3).tolist()) for o in out}
+    assert len(distinct) >= 8, "copies of one image should come out different"
+
+
+def test_seed_ops_each_change_the_image_and_zero_ranges_are_identity() -> None:
+    x = textured_batch(8)
+    base = x.float() / 255
+    torch.manual_seed(0)
+    assert torch.allclose(augment.random_affine(x, 0, 0, 0), base)
+    assert torch.allclose(augment.random_brightness(x, 0), base)
+    assert not torch.allclose(augment.random_affine(x, shift=0.1), base)
+    assert not torch.allclose(augment.random_affine(x, rotation=15), base)
+    assert not torch.allclose(augment.random_affine(x, zoom=0.2), base)
+    bright = augment.random_brightness(x, 0.3)
+    ratio = (bright.mean(dim=(1, 2, 3)) / base.mean(dim=(1, 2, 3)))
+    assert ratio.std() > 0.01 and bright.min() >= 0 and bright.max() <= 1
+    assert torch.equal(augment.random_flip(x, 1.0), x.flip(-1))
+    assert torch.equal(augment.random_flip(x, 0.0), x)
+
+
+def test_standard_crop_is_a_window_of_the_reflect_padded_image() -> None:
+    x = textured_batch(6)
+    torch.manual_seed(1)
+    out = augment.random_crop(x, padding=4)
+    assert out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="reflect").to(torch.uint8)
+    for img, pad in zip(out, padded, strict=True):
+        windows = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(pad[:, dy:dy + 32, dx:dx + 32], img)]
+        assert windows, "each output must be one 32x32 window of the padded image"
+    assert torch.equal(augment.random_crop(x, padding=0), x)
+
+
+def test_bad_ranges_and_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        BatchAugment("heavy")
+    with pytest.raises(ValueError, match="takes no option"):
+        BatchAugment("standard", rotation=10)
+    with pytest.raises(ValueError, match="out of range"):
+        BatchAugment("seed", flip=2)
+
+
+def _hook(dm: CIFAR10DataModule, batch, training: bool):
+    dm.trainer = SimpleNamespace(training=training)
+    return dm.on_after_batch_transfer(batch, 0)
+
+
+def test_augmentation_keeps_labels_and_only_touches_training_batches(imagefolder: Path) -> None:
+    dm = CIFAR10DataModule(str(imagefolder), augment="seed", val_size=20)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    xt, yt = _hook(dm, (x, y.clone()), training=True)
+    assert torch.equal(yt, y)
+    assert xt.dtype == torch.float32 and not torch.allclose(xt, normalize(x))
+    # validation / test / predict batches: normalised only, never augmented
+    xv, yv = _hook(dm, (x, y.clone()), training=False)
+    assert torch.equal(xv, normalize(x)) and torch.equal(yv, y)
+
+
+def test_no_augmentation_by_default(imagefolder: Path) -> None:
+    dm = CIFAR10DataModule(str(imagefolder), val_size=20)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    xt, _ = _hook(dm, (x, y), training=True)
+    assert torch.equal(xt, normalize(x))

@@ -1,0 +1,168 @@
+"""cifar-train end to end on tiny synthetic data: files written, init-from, resume, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cifar_lightning.cli import train_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(tree: Path, logs: Path, *extra: str) -> list[str]:
+    return [
+        "--data-dir", str(tree), "--log-dir", str(logs), "--val-size", "20", "--epochs", "1",
+        "--batch-size", "32", "--accelerator", "cpu", "--no-progress-bar", *extra,
+    ]  # fmt: skip
+
+
+def run_train(argv: list[str]) -> int:
+    try:
+        return train_main(argv)
+    except SystemExit as e:  # argparse errors exit from inside parse_args
+        return int(e.code)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """One real subprocess run of scripts/train.py, shared by the tests that read its files."""
+    from conftest import write_imagefolder
+
+    root = tmp_path_factory.mktemp("cli")
+    tree = write_imagefolder(root / "tree")
+    logs = root / "logs"
+    env = {**__import__("os").environ, "CIFAR_LIGHTNING_CACHE": str(root / "cache")}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), *tiny_args(tree, logs)],
+        capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    return tree, logs, proc
+
+
+def test_cli_run_writes_checkpoints_tensorboard_events_and_results(trained_run) -> None:
+    _, logs, proc = trained_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = logs / "version_0"
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
+    assert list(run.glob("events.out.tfevents.*"))
+    results = json.loads((run / "results.json").read_text())
+    assert 0 <= results["test_acc"] <= 1 and results["test_loss"] > 0
+    assert f"tensorboard --logdir {logs}" in proc.stdout
+    assert "test accuracy" in proc.stdout and results["best_checkpoint"] in proc.stdout
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 1
+
+
+def test_checkpoint_loads_with_weights_only_and_plain_hyperparameters(trained_run) -> None:
+    _, logs, _ = trained_run
+    ckpt = torch.load(logs / "version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["model"] == "seed" and hp["num_classes"] == 10 and hp["lr"] == 1e-3
+    assert all(isinstance(v, (str, int, float, bool, list, type(None))) for v in hp.values())
+
+
+def test_init_from_starts_a_new_run_from_those_weights_and_leaves_the_old_run_alone(trained_run) -> None:
+    tree, logs, _ = trained_run
+    source = logs / "version_0/checkpoints/last.ckpt"
+    before = digest(logs / "version_0")
+    # lr so small that the refit's weights stay those of the source checkpoint
+    code = run_train(tiny_args(tree, logs, "--init-from", str(source), "--augment", "seed", "--lr", "1e-12"))
+    assert code == 0
+    assert digest(logs / "version_0") == before
+    new = sorted(p.name for p in logs.iterdir() if p.name.startswith("version_"))[-1]
+    assert new != "version_0"
+    refit = torch.load(logs / new / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    start = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.allclose(refit[k], start[k], atol=1e-6) for k in start if k.startswith("net."))
+    assert yaml.safe_load((logs / new / "config.yaml").read_text())["augment"] == "seed"
+
+
+def test_resume_last_continues_the_same_run_without_repeating_epochs(imagefolder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    assert run_train(tiny_args(imagefolder, logs)) == 0
+    assert run_train(["--resume", "last", "--log-dir", str(logs), "--epochs", "2"]) == 0
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0"]
+    results = json.loads((logs / "version_0/results.json").read_text())
+    assert results["epochs_run"] == 2
+    assert len(results["train_seconds"]) == 1  # only the second epoch ran in the resumed session
+    assert results["config"]["data_dir"] == str(imagefolder)  # taken from the run's saved config
+
+
+def test_yaml_config_sets_options_and_flags_override_it(imagefolder: Path, tmp_path: Path) -> None:
+    from cifar_lightning.cli import resolve_train_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("epochs: 7\nbatch-size: 16\naugment: standard\n")
+    cfg = resolve_train_config(["--config", str(cfg_file), "--epochs", "3"])
+    assert (cfg["epochs"], cfg["batch_size"], cfg["augment"], cfg["lr"]) == (3, 16, "standard", 1e-3)
+
+
+BAD = [
+    (["--epochs", "-1"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--model", "nope"], "--model 'nope'"),
+    (["--augment", "sideways"], "--augment"),
+    (["--accelerator", "tpu9"], "--accelerator"),
+    (["--lr", "-3"], "--lr"),
+    (["--max-time", "soon"], "--max-time"),
+    (["--augment", "standard", "--rotation", "10"], "takes no option"),
+    (["--resume", "last"], "no run with checkpoints/last.ckpt"),
+    (["--resume", "x.ckpt", "--init-from", "y.ckpt"], "exclude each other"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_flags_give_one_clean_error_line(imagefolder: Path, tmp_path: Path, capsys, extra, message) -> None:
+    logs = tmp_path / "logs"
+    code = run_train(tiny_args(imagefolder, logs, *extra))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+    assert not list(logs.glob("version_*"))  # nothing half-made left behind
+
+
+@pytest.mark.parametrize("kind", ["missing-dir", "garbage-ckpt", "bad-yaml", "gpu-without-gpu"])
+def test_bad_inputs_give_one_clean_error_line(imagefolder: Path, tmp_path: Path, capsys, kind: str) -> None:
+    logs = tmp_path / "logs"
+    if kind == "missing-dir":
+        argv = tiny_args(tmp_path / "nowhere", logs, "--no-download")
+        message = "nowhere"
+    elif kind == "garbage-ckpt":
+        (tmp_path / "g.ckpt").write_bytes(b"not a checkpoint at all")
+        argv = tiny_args(imagefolder, logs, "--init-from", str(tmp_path / "g.ckpt"))
+        message = "g.ckpt: not a readable checkpoint"
+    elif kind == "bad-yaml":
+        (tmp_path / "c.yaml").write_text("epochs: [1,\n")
+        argv = tiny_args(imagefolder, logs, "--config", str(tmp_path / "c.yaml"))
+        message = "not valid YAML"
+    else:
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        argv = tiny_args(imagefolder, logs, "--accelerator", "gpu")
+        message = "gpu"
+    code = run_train(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and message.lower() in err[0].lower() and "Traceback" not in err[0], err
+    assert not list(logs.glob("version_*"))
+
+
+def test_a_bad_flag_in_a_real_subprocess_prints_no_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--epochs", "zero"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--epochs" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar_lightning import data
+from cifar_lightning.data import CLASSES, CIFAR10DataModule, DataError, normalize
+
+
+def test_imagefolder_decodes_to_uint8_tensors_with_sorted_class_labels(imagefolder: Path) -> None:
+    splits = data.load_imagefolder(imagefolder)
+    train, test = splits["train"], splits["test"]
+    assert train.images.shape == (120, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert test.images.shape == (40, 3, 32, 32)
+    assert train.classes == CLASSES  # sorted folder names are the canonical CIFAR-10 order
+    assert torch.equal(torch.bincount(train.labels), torch.full((10,), 12))
+    # pixel values survive decoding exactly (PNG is lossless)
+    first = torch.from_numpy(np.array(Image.open(imagefolder / "train/airplane/airplane_0000.png")))
+    assert torch.equal(train.images[0], first.permute(2, 0, 1))
+
+
+def test_second_load_reads_the_cache_without_decoding(imagefolder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = data.load_imagefolder(imagefolder)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded again although the cache was fresh")
+
+    monkeypatch.setattr(data, "decode_image", no_decoding)
+    second = data.load_imagefolder(imagefolder)
+    assert torch.equal(first["train"].images, second["train"].images)
+
+
+def test_stale_cache_is_rebuilt_when_an_image_changes(imagefolder: Path) -> None:
+    data.load_imagefolder(imagefolder)
+    changed = imagefolder / "train/cat/cat_0000.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(changed)
+    os.utime(changed, ns=(1, 1))  # a different mtime, whatever the clock says
+    again = data.load_imagefolder(imagefolder)
+    cat0 = again["train"].images[3 * 12]
+    assert cat0[:, 0, 0].tolist() == [1, 2, 3]
+
+
+def test_corrupt_cache_is_rebuilt(imagefolder: Path, private_cache: Path) -> None:
+    data.load_imagefolder(imagefolder)
+    (cache_file,) = private_cache.glob("*.pt")
+    cache_file.write_bytes(b"garbage" * 10)
+    again = data.load_imagefolder(imagefolder)
+    assert again["train"].images.shape == (120, 3, 32, 32)
+    assert cache_file.stat().st_size > 1000  # rewritten
+
+
+def test_nothing_is_written_inside_the_data_dir(imagefolder: Path) -> None:
+    before = sorted(p.relative_to(imagefolder) for p in imagefolder.rglob("*"))
+    dm = CIFAR10DataModule(str(imagefolder), val_size=20)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert sorted(p.relative_to(imagefolder) for p in imagefolder.rglob("*")) == before
+
+
+def test_unwritable_cache_dir_still_loads(imagefolder: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache dir should be")
+    splits = data.load_imagefolder(imagefolder, cache_dir=blocker / "cache")
+    assert splits["train"].images.shape[0] == 120
+
+
+def test_split_is_seeded_disjoint_and_independent_of_the_training_seed(imagefolder: Path) -> None:
+    def split(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed * 7 + 1)  # the global (training) seed must not matter
+        dm = CIFAR10DataModule(str(imagefolder), val_size=30)
+        dm.setup("fit")
+        return dm.train_set.images, dm.val_set.images
+
+    (t1, v1), (t2, v2) = split(0), split(1)
+    assert torch.equal(t1, t2) and torch.equal(v1, v2)
+    assert len(t1) == 90 and len(v1) == 30
+    a, b = data.seeded_split(120, 30, seed=0)
+    assert set(a.tolist()).isdisjoint(b.tolist()) and len(set(a.tolist()) | set(b.tolist())) == 120
+    assert not torch.equal(data.seeded_split(120, 30, seed=1)[1], b)
+
+
+def test_limit_train_images_takes_the_first_n_of_the_split(imagefolder: Path) -> None:
+    full = CIFAR10DataModule(str(imagefolder), val_size=30)
+    full.setup("fit")
+    limited = CIFAR10DataModule(str(imagefolder), val_size=30, limit_train_images=25)
+    limited.setup("fit")
+    assert torch.equal(limited.train_set.images, full.train_set.images[:25])
+    assert torch.equal(limited.val_set.images, full.val_set.images)
+
+
+def test_loaders_keep_every_eval_image_and_batch_whole_tensors(imagefolder: Path) -> None:
+    dm = CIFAR10DataModule(str(imagefolder), val_size=33, batch_size=16, eval_batch_size=10)
+    dm.setup("fit")
+    dm.setup("test")
+    assert sum(len(y) for _, y in dm.val_dataloader()) == 33  # no drop_last on evaluation
+    assert sum(len(y) for _, y in dm.test_dataloader()) == 40
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.long
+
+
+def test_normalisation_uses_the_train_set_statistics() -> None:
+    assert data.MEAN == (0.4914, 0.4822, 0.4465)
+    assert data.STD == (0.2470, 0.2435, 0.2616)
+    img = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
+    out = normalize(img).flatten().tolist()
+    assert out == pytest.approx([(1 - m) / s for m, s in zip(data.MEAN, data.STD, strict=True)])
+
+
+def test_jpeg_and_odd_sizes_are_converted_to_32x32_rgb(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("L", (50, 40), 128).save(root / split / cls / "x.jpg")
+            Image.new("RGBA", (32, 32), (10, 20, 30, 40)).save(root / split / cls / "y.png")
+    splits = data.load_imagefolder(root)
+    assert splits["train"].images.shape == (4, 3, 32, 32)
+    assert splits["train"].classes == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda r: (r / "test" / "cat").rename(r / "test" / "kitten"), "train and test class folders differ"),
+        (lambda r: [p.unlink() for p in (r / "train" / "dog").iterdir()], "holds no images"),
+        (lambda r: (r / "train" / "cat" / "cat_0001.png").write_bytes(b"\x89PNG broken"), "cat_0001.png: not a readable image"),
+        (lambda r: (r / "train" / "cat" / "cat_0002.png").write_bytes(b""), "cat_0002.png: not a readable image"),
+        (lambda r: __import__("shutil").rmtree(r / "test"), "test: missing"),
+    ],
+)
+def test_malformed_trees_give_a_clear_error(imagefolder: Path, damage, message: str) -> None:
+    damage(imagefolder)
+    dm = CIFAR10DataModule(str(imagefolder), download=False)
+    with pytest.raises(DataError, match=message):
+        dm.prepare_data()
+        dm.setup("fit")
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    dm = CIFAR10DataModule(str(tmp_path / "nowhere"), source="imagefolder")
+    with pytest.raises(DataError, match="no such directory"):
+        dm.setup("fit")
+
+
+def test_torchvision_download_verifies_and_loads_the_archive(tmp_path: Path, fake_cifar10_server: str) -> None:
+    dm = CIFAR10DataModule(str(tmp_path / "dl"), val_size=10)
+    assert dm.source == "cifar10"
+    dm.prepare_data()
+    assert (tmp_path / "dl" / "cifar-10-python.tar.gz").is_file()
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.train_set) == 40 and len(dm.val_set) == 10 and len(dm.test_set) == 20
+    assert dm.train_set.images.dtype == torch.uint8 and dm.train_set.images.shape[1:] == (3, 32, 32)
+    assert dm.classes == CLASSES
+    # a second prepare_data finds the verified files and does not download again
+    (tmp_path / "dl" / "cifar-10-python.tar.gz").unlink()
+    dm.prepare_data()
+    assert not (tmp_path / "dl" / "cifar-10-python.tar.gz").exists()
+
+
+def test_download_with_a_wrong_checksum_is_refused(tmp_path: Path, fake_cifar10_server: str, monkeypatch) -> None:
+    from torchvision.datasets import CIFAR10
+
+    monkeypatch.setattr(CIFAR10, "tgz_md5", "0" * 32)
+    with pytest.raises(DataError, match="could not download CIFAR-10"):
+        CIFAR10DataModule(str(tmp_path / "dl")).prepare_data()
+
+
+def test_download_without_network_says_how_to_use_a_local_copy(tmp_path: Path, monkeypatch) -> None:
+    import socket
+
+    from torchvision.datasets import CIFAR10
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused, like no network
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
+    with pytest.raises(DataError, match=r"could not download CIFAR-10 .*point --data-dir at a local copy"):
+        CIFAR10DataModule(str(tmp_path / "dl")).prepare_data()
