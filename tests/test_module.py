@@ -68,7 +68,10 @@ class _Marker:
         return (Path.touch, (Path(self.path),))
 
 
-@pytest.mark.parametrize("kind", ["missing", "random", "empty", "truncated", "foreign", "malicious", "malicious-raw-pickle", "wrong-shapes"])
+BAD_CHECKPOINTS = ["missing", "random", "empty", "truncated", "foreign", "malicious", "malicious-raw-pickle", "wrong-shapes"]
+
+
+@pytest.mark.parametrize("kind", BAD_CHECKPOINTS)
 def test_unusable_checkpoints_raise_one_clear_error(tmp_path: Path, kind: str) -> None:
     path = tmp_path / f"{kind}.ckpt"
     marker = tmp_path / "pwned"
