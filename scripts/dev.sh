@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets itself up on a fresh machine, then runs the job:
+#   bash scripts/dev.sh train [cifar-train flags...]   train (default: the seed recipe)
+#   bash scripts/dev.sh test  [pytest args...]         ruff + the test suite
+#   bash scripts/dev.sh run CMD [args...]              any command inside the project's venv
+# The venv (.venv, or $CIFAR_LIGHTNING_VENV) is built once and rebuilt when pyproject.toml changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${CIFAR_LIGHTNING_VENV:-.venv}
+stamp="$venv/.installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setting up $venv (first run only)..." >&2
+    python3 -m venv "$venv"
+    # torch/torchvision pinned to the capped releases: this avoids a multi-GB download of a newer one.
+    "$venv/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" >&2 || true
+    "$venv/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" >&2 || true
+    "$venv/bin/python" -c "import cifar_lightning, lightning, torchvision" || { echo "setup failed" >&2; exit 1; }
+    touch "$stamp"
+fi
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    train) exec "$venv/bin/cifar-train" "$@" ;;
+    test) "$venv/bin/ruff" check . && exec "$venv/bin/python" -m pytest "$@" ;;
+    run) exec "$venv/bin/$1" "${@:2}" ;;
+    *) echo "usage: bash scripts/dev.sh train|test|run ..." >&2; exit 2 ;;
+esac
