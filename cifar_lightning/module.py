@@ -8,6 +8,7 @@ rebuilds its network from ``checkpoint["hyper_parameters"]`` alone and loads wit
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import lightning as L
@@ -130,7 +131,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load, not a plain-weights checkpoint ({_first_line(e)})") from None
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise CheckpointError(
+                f"{path}: refused to load: it asks to import {found.group(1)}, which could run code; "
+                "only plain-weights checkpoints are loaded"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error: \s*([^\n]+)", text)
+        reason = detail.group(1).strip() if detail else _first_line(e)
+        raise CheckpointError(f"{path}: not a readable checkpoint (weights-only unpickler: {reason})") from None
     except Exception as e:  # truncated zip, random bytes, empty file, permission...
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in (ckpt.get("hyper_parameters") or {}):

@@ -96,4 +96,6 @@ def test_unusable_checkpoints_raise_one_clear_error(tmp_path: Path, kind: str) -
     with pytest.raises(CheckpointError) as err:
         classifier_from_checkpoint(load_checkpoint(path), path)
     assert str(path.name) in str(err.value) and "\n" not in str(err.value)
+    if kind == "malicious":
+        assert "refused to load: it asks to import" in str(err.value)
     assert not marker.exists()
