@@ -41,3 +41,59 @@ class EpochReport(L.Callback):
                 parts.append(f"{key.removesuffix('_epoch')} {float(m[key]):.4f}")
         parts.append(f"{train:.1f} s train + {now - self._start - train:.1f} s val")
         print("  ".join(parts), flush=True)
+
+
+class TensorBoardImages(L.Callback):
+    """Every ``every_n_epochs`` validation epochs, log the confusion-matrix heatmap and a small
+    prediction grid as TensorBoard images, so a run can be watched improving visually."""
+
+    def __init__(self, class_names: list[str], every_n_epochs: int = 1, grid: int = 16) -> None:
+        self.class_names = list(class_names)
+        self.every_n_epochs = every_n_epochs
+        self.grid = grid
+        self._preds: list = []
+        self._labels: list = []
+        self._images = None
+        self._probs = None
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return (
+            self.every_n_epochs > 0 and not trainer.sanity_checking and trainer.is_global_zero
+            and isinstance(trainer.logger, TensorBoardLogger) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        )  # fmt: skip
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._preds, self._labels, self._images, self._probs = [], [], None, None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        if not self._active(trainer):
+            return
+        x, y = batch
+        probs = outputs.softmax(-1).float().cpu()  # validation_step returns the logits
+        self._preds.append(probs.argmax(-1))
+        self._labels.append(y.cpu())
+        if self._images is None:
+            from cifar_lightning.data import denormalize
+
+            self._images = denormalize(x[: self.grid].float().cpu())
+            self._probs = probs[: self.grid]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._active(trainer) or not self._preds:
+            return
+        import torch
+        from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+        from cifar_lightning import report
+
+        preds, labels = torch.cat(self._preds), torch.cat(self._labels)
+        cm = multiclass_confusion_matrix(preds, labels, num_classes=len(self.class_names))
+        writer = trainer.logger.experiment
+        step = trainer.current_epoch
+        writer.add_figure("val/confusion", report.confusion_figure(cm.numpy(), self.class_names), step)
+        n = len(self._probs)
+        grid = report.prediction_grid(self._images, labels[:n], self._probs, self.class_names, title=f"epoch {step + 1}")
+        writer.add_figure("val/predictions", grid, step)
+        self._preds, self._labels = [], []

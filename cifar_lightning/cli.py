@@ -51,6 +51,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "num_workers": 0,
     "channels_last": True,
     "progress_bar": None,
+    "log_images_every": 1,
     # augmentation ranges; None = the recipe's default (augment.SEED_DEFAULTS / STANDARD_DEFAULTS)
     "shift": None,
     "flip": None,
@@ -189,6 +190,10 @@ def train_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("runs and checkpoints")
     g.add_argument("--log-dir", help=f"runs go to LOG_DIR/version_N (default {d['log_dir']})")
+    g.add_argument(
+        "--log-images-every", type=_non_negative_int, metavar="K",
+        help="log a confusion heatmap and prediction grid to TensorBoard every K validation epochs; 0: never (default 1)",
+    )  # fmt: skip
     g.add_argument("--resume", metavar="PATH|last", help="continue a run from its checkpoint ('last': newest run's last.ckpt)")
     g.add_argument("--init-from", metavar="CKPT", help="start a NEW run from these weights (e.g. refit with augmentation)")
     return p
@@ -303,7 +308,7 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from cifar_lightning.callbacks import EpochReport
+    from cifar_lightning.callbacks import EpochReport, TensorBoardImages
     from cifar_lightning.data import CIFAR10DataModule
     from cifar_lightning.module import ImageClassifier, classifier_from_checkpoint, load_checkpoint
 
@@ -370,7 +375,11 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
         trainer = L.Trainer(
             max_epochs=cfg["epochs"], accelerator=cfg["accelerator"], devices=cfg["devices"],
             precision=cfg["precision"], deterministic=cfg["deterministic"], max_time=parse_max_time(cfg["max_time"]),
-            logger=logger, callbacks=[checkpoint, LearningRateMonitor("epoch"), EpochReport()],
+            logger=logger,
+            callbacks=[
+                checkpoint, LearningRateMonitor("epoch"), EpochReport(),
+                TensorBoardImages(classes, every_n_epochs=cfg["log_images_every"]),
+            ],
             enable_progress_bar=progress, log_every_n_steps=50,
             limit_val_batches=1.0 if has_val else 0, num_sanity_val_steps=0 if not has_val else 2,
             enable_model_summary=progress,
@@ -402,6 +411,13 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        # The HPARAMS tab of TensorBoard: this run's configuration next to its final metrics.
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.items()}
+        final = {"hp/test_acc": results["test_acc"], "hp/test_loss": results["test_loss"]}
+        if results["best_val_acc"] is not None:
+            final["hp/best_val_acc"] = results["best_val_acc"]
+        logger.log_hyperparams(hparams, final)
+        logger.finalize("success")
     return results
 
 
@@ -426,21 +442,242 @@ def _fail(prog: str, message: str, code: int) -> int:
 
 def train_main(argv: list[str] | None = None) -> int:
     """Entry point of cifar-train."""
+
+    def body() -> int:
+        print_summary(run_training(resolve_train_config(argv)))
+        return 0
+
+    return _guarded("cifar-train", body)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="cifar-evaluate",
+        description="Evaluate a checkpoint: metrics.json, confusion heatmaps, prediction grids, "
+        "calibration, training curves and report.md in one folder.",
+    )
+    p.add_argument("checkpoint", help="a Lightning .ckpt written by cifar-train")
+    p.add_argument("--data-dir", help="default: the data dir of the checkpoint's run (its config.yaml), else 'data'")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="val = the run's held-out split (default test)")
+    p.add_argument("--out", help="report folder (default: report/ beside the run's checkpoints/, report_2/... if taken)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--accelerator", choices=("cpu", "gpu", "cuda", "mps", "auto"), default="auto")
+    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--grid", type=_positive_int, default=25, help="images in predictions.png and misclassified.png")
+    p.add_argument("--no-download", dest="download", action="store_false", help="never download CIFAR-10")
+    return p
+
+
+def pick_device(accelerator: str) -> str:
+    """The torch device for a Lightning-style accelerator name; an unavailable one is an error."""
+    import torch
+
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if accelerator in ("gpu", "cuda"):
+        if not cuda:
+            raise CLIError(f"--accelerator {accelerator}: no CUDA GPU is available on this machine")
+        return "cuda"
+    if accelerator == "mps":
+        if not mps:
+            raise CLIError("--accelerator mps: MPS is not available on this machine")
+        return "mps"
+    if accelerator == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    return "cpu"
+
+
+def run_config_of(ckpt_path: Path) -> dict[str, Any]:
+    """The cifar-train config.yaml of the run that wrote this checkpoint ({} if none)."""
+    saved = ckpt_path.parent.parent / "config.yaml"
+    if ckpt_path.parent.name == "checkpoints" and saved.is_file():
+        try:
+            return _read_yaml_config(str(saved))
+        except CLIError:
+            return {}
+    return {}
+
+
+def next_free_dir(base: Path) -> Path:
+    """base, or base_2, base_3... : the first that does not exist."""
+    n, candidate = 1, base
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}_{n}")
+    return candidate
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def predict_probs(module: Any, images: Any, batch_size: int, device: str) -> Any:
+    """Softmax probabilities for uint8 images, in batches, on ``device``."""
+    import torch
+
+    from cifar_lightning.data import normalize
+
+    module = module.to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            out.append(module(normalize(images[i : i + batch_size].to(device))).softmax(-1).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, module.hparams.num_classes)
+
+
+def run_evaluation(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    from cifar_lightning import report
+    from cifar_lightning.data import CIFAR10DataModule, DataError
+    from cifar_lightning.module import classifier_from_checkpoint, load_checkpoint
+
+    ckpt_path = Path(args.checkpoint)
+    device = pick_device(args.accelerator)
+    ckpt = load_checkpoint(ckpt_path)  # refuses unsafe or foreign files before anything else
+    module = classifier_from_checkpoint(ckpt, ckpt_path)
+    run_cfg = run_config_of(ckpt_path)
+    in_run = bool(run_cfg)
+    run_dir = ckpt_path.parent.parent if in_run else None
+
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()) and not args.overwrite:
+            raise CLIError(f"--out {out}: exists and is not empty; pass --overwrite or choose another folder")
+    else:
+        out = next_free_dir(run_dir / "report" if run_dir else ckpt_path.with_name(f"{ckpt_path.stem}_report"))
+
+    data_dir = args.data_dir or run_cfg.get("data_dir") or "data"
+    dm = CIFAR10DataModule(
+        data_dir=data_dir, val_size=run_cfg.get("val_size", 5000), split_seed=run_cfg.get("split_seed", 0),
+        source=run_cfg.get("data_source", "auto") if not args.data_dir else "auto", download=args.download,
+    )  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit" if args.split == "val" else "test")
+    ds = dm.val_set if args.split == "val" else dm.test_set
+    class_names = list(module.hparams.class_names or dm.classes)
+    if len(class_names) != len(dm.classes) or module.hparams.num_classes != len(dm.classes):
+        raise DataError(f"--data-dir {data_dir}: has {len(dm.classes)} classes, the checkpoint predicts {module.hparams.num_classes}")
+    if len(ds) == 0:
+        raise DataError(f"--split {args.split}: no images to evaluate")
+
+    probs = predict_probs(module, ds.images, args.batch_size, device)
+    meta = {
+        "model": module.hparams.model,
+        "checkpoint": str(ckpt_path.resolve()),
+        "checkpoint_sha256": sha256_of(ckpt_path),
+        "split": args.split,
+        "data_dir": str(Path(data_dir).resolve()),
+    }
+    # Written into a temporary sibling, then renamed: an interrupted evaluation never leaves a
+    # half-written report, and --overwrite replaces the old one only once the new one is whole.
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        metrics = report.write_report(tmp, probs, ds.labels, ds.images, class_names, meta, run_dir=run_dir, grid=args.grid)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise CLIError(f"--out {out}: cannot write the report ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, metrics
+
+
+def _cli_errors() -> tuple[type[BaseException], ...]:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from cifar_lightning.data import DataError
     from cifar_lightning.module import CheckpointError
 
+    return (CLIError, DataError, CheckpointError, MisconfigurationException)
+
+
+def _guarded(prog: str, body: Any) -> int:
+    """Run body(); user errors become one line and exit 2, anything else one line and exit 1."""
     try:
-        cfg = resolve_train_config(argv)
-        results = run_training(cfg)
-    except (CLIError, DataError, CheckpointError, MisconfigurationException) as e:
-        return _fail("cifar-train", str(e), 2)
+        return body()
+    except _cli_errors() as e:
+        return _fail(prog, str(e), 2)
     except KeyboardInterrupt:
-        return _fail("cifar-train", "interrupted", 130)
+        return _fail(prog, "interrupted", 130)
     except Exception as e:
         if os.environ.get("CIFAR_LIGHTNING_DEBUG"):
             raise
-        return _fail("cifar-train", f"{type(e).__name__}: {e} (set CIFAR_LIGHTNING_DEBUG=1 for a traceback)", 1)
-    print_summary(results)
-    return 0
+        return _fail(prog, f"{type(e).__name__}: {e} (set CIFAR_LIGHTNING_DEBUG=1 for a traceback)", 1)
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """Entry point of cifar-evaluate."""
+    from cifar_lightning import report
+
+    args = evaluate_parser().parse_args(argv)
+
+    def body() -> int:
+        out, metrics = run_evaluation(args)
+        print(report.format_table(metrics))
+        print(f"\nreport: {out / 'report.md'}")
+        return 0
+
+    return _guarded("cifar-evaluate", body)
+
+
+# ----------------------------------------------------------------------------- show data
+
+
+def show_data_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="cifar-show-data",
+        description="Look at the data: a grid of training images per class, or with --augment, "
+        "originals beside augmented versions of them.",
+    )
+    p.add_argument("--data-dir", default="data", help="as for cifar-train (default data)")
+    p.add_argument("--augment", choices=AUGMENTS, default="none")
+    p.add_argument("--per-class", type=_positive_int, default=8, help="images per class (default 8)")
+    p.add_argument("--n-augmented", type=_positive_int, default=5, help="augmented versions per image (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="PNG path (default data_grid.png, or data_grid_<augment>.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--no-download", dest="download", action="store_false", help="never download CIFAR-10")
+    return p
+
+
+def show_data_main(argv: list[str] | None = None) -> int:
+    """Entry point of cifar-show-data."""
+    args = show_data_parser().parse_args(argv)
+
+    def body() -> int:
+        import torch
+
+        from cifar_lightning import report
+        from cifar_lightning.augment import BatchAugment
+        from cifar_lightning.data import CIFAR10DataModule
+
+        out = Path(args.out or ("data_grid.png" if args.augment == "none" else f"data_grid_{args.augment}.png"))
+        if out.exists() and not args.overwrite:
+            raise CLIError(f"--out {out}: exists; pass --overwrite or choose another path")
+        dm = CIFAR10DataModule(data_dir=args.data_dir, download=args.download)
+        dm.prepare_data()
+        train = dm.load()["train"]
+        torch.manual_seed(args.seed)
+        augment = BatchAugment(args.augment) if args.augment != "none" else None
+        fig = report.data_grid_figure(
+            train.images, train.labels, list(dm.classes), per_class=args.per_class,
+            augment=augment, n_augmented=args.n_augmented,
+        )  # fmt: skip
+        try:
+            report.save_figure(fig, out)
+        except OSError as e:
+            raise CLIError(f"--out {out}: cannot write ({e.strerror or e})") from None
+        print(out)
+        return 0
+
+    return _guarded("cifar-show-data", body)

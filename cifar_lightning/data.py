@@ -82,6 +82,13 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``normalize``: back to uint8 images (for figures of what the network saw)."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 # ----------------------------------------------------------------------------- sources
 
 
