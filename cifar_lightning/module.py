@@ -151,6 +151,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def classifier_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> ImageClassifier:
     """Rebuild the network from the checkpoint's hyperparameters and load its weights."""
+    name = ckpt["hyper_parameters"]["model"]
+    if name not in models.MODELS:
+        raise CheckpointError(f"{path}: a checkpoint of network {name!r}, which this version does not know ({', '.join(models.MODELS)})")
     try:
         module = ImageClassifier(**ckpt["hyper_parameters"])
         module.load_state_dict(ckpt["state_dict"])
