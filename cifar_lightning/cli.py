@@ -137,6 +137,17 @@ def parse_max_time(value: str | int | float | None) -> dt.timedelta | None:
     return dt.timedelta(seconds=seconds)
 
 
+def add_augment_ranges(g: argparse._ArgumentGroup) -> None:
+    """The per-op range flags, shared by cifar-train and cifar-show-data."""
+    sd = SEED_DEFAULTS
+    g.add_argument("--shift", type=_non_negative_float, help=f"seed: max shift, fraction of side (default {sd['shift']})")
+    g.add_argument("--flip", type=_non_negative_float, help=f"seed/standard: flip probability (default {sd['flip']})")
+    g.add_argument("--zoom", type=_non_negative_float, help=f"seed: scale range 1±zoom (default {sd['zoom']})")
+    g.add_argument("--rotation", type=_non_negative_float, help=f"seed: max degrees (default {sd['rotation']})")
+    g.add_argument("--brightness", type=_non_negative_float, help=f"seed: factor range 1±b (default {sd['brightness']})")
+    g.add_argument("--crop-padding", type=_non_negative_int, help=f"standard: pad px (default {STANDARD_DEFAULTS['crop_padding']})")
+
+
 def train_parser() -> argparse.ArgumentParser:
     d = TRAIN_DEFAULTS
     p = OneLineParser(
@@ -168,13 +179,7 @@ def train_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("augmentation (on the device, training batches only)")
     g.add_argument("--augment", choices=AUGMENTS, help="none | seed (the notebook's ops) | standard (crop+flip)")
-    sd = SEED_DEFAULTS
-    g.add_argument("--shift", type=_non_negative_float, help=f"seed: max shift, fraction of side (default {sd['shift']})")
-    g.add_argument("--flip", type=_non_negative_float, help=f"seed/standard: flip probability (default {sd['flip']})")
-    g.add_argument("--zoom", type=_non_negative_float, help=f"seed: scale range 1±zoom (default {sd['zoom']})")
-    g.add_argument("--rotation", type=_non_negative_float, help=f"seed: max degrees (default {sd['rotation']})")
-    g.add_argument("--brightness", type=_non_negative_float, help=f"seed: factor range 1±b (default {sd['brightness']})")
-    g.add_argument("--crop-padding", type=_non_negative_int, help=f"standard: pad px (default {STANDARD_DEFAULTS['crop_padding']})")
+    add_augment_ranges(g)
 
     g = p.add_argument_group("trainer")
     g.add_argument("--accelerator", choices=ACCELERATORS, help="(default auto)")
@@ -641,6 +646,8 @@ def show_data_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", default="data", help="as for cifar-train (default data)")
     p.add_argument("--augment", choices=AUGMENTS, default="none")
+    add_augment_ranges(p.add_argument_group("augmentation ranges (as for cifar-train)"))
+    p.set_defaults(**dict.fromkeys(AUG_OPTIONS))
     p.add_argument("--per-class", type=_positive_int, default=8, help="images per class (default 8)")
     p.add_argument("--n-augmented", type=_positive_int, default=5, help="augmented versions per image (default 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -668,7 +675,11 @@ def show_data_main(argv: list[str] | None = None) -> int:
         dm.prepare_data()
         train = dm.load()["train"]
         torch.manual_seed(args.seed)
-        augment = BatchAugment(args.augment) if args.augment != "none" else None
+        ranges = {k: getattr(args, k) for k in AUG_OPTIONS if getattr(args, k) is not None}
+        try:
+            augment = BatchAugment(args.augment, **ranges) if args.augment != "none" else None
+        except ValueError as e:
+            raise CLIError(str(e)) from None
         fig = report.data_grid_figure(
             train.images, train.labels, list(dm.classes), per_class=args.per_class,
             augment=augment, n_augmented=args.n_augmented,

@@ -251,7 +251,10 @@ def data_grid_figure(
     for k, idx in enumerate(firsts):
         row = images[idx]
         if augment is not None and len(row):
-            row = torch.cat([row, augment(row.repeat(n_augmented, 1, 1, 1))])
+            augmented = augment(row.repeat(n_augmented, 1, 1, 1))
+            if augmented.is_floating_point():  # [0, 1] floats: bring the originals to the same scale
+                row = row.float() / 255 if not row.is_floating_point() else row
+            row = torch.cat([row, augmented.to(row.dtype)])
         for j in range(cols):
             ax = axes[k, j]
             ax.set_xticks([])
