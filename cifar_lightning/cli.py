@@ -369,11 +369,13 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
         yaml.safe_dump({k: v for k, v in cfg.items() if k != "resume"}, f, sort_keys=False)
 
     has_val = cfg["val_size"] > 0
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best-epoch{epoch:02d}-val_acc{val_acc:.4f}" if has_val else "epoch{epoch:02d}",
-        monitor="val_acc" if has_val else None, mode="max", save_last=True, auto_insert_metric_name=False,
-    )  # fmt: skip
+    # Two callbacks, because Lightning's save_last only refreshes last.ckpt when the monitored
+    # checkpoint is saved (i.e. when val_acc improves): last.ckpt must be the latest epoch.
+    best = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:02d}-val_acc{val_acc:.4f}",
+        monitor="val_acc", mode="max", auto_insert_metric_name=False,
+    ) if has_val else None  # fmt: skip
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, enable_version_counter=False)
     progress = cfg["progress_bar"] if cfg["progress_bar"] is not None else sys.stderr.isatty()
     logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=run_dir.name, default_hp_metric=False)
     try:
@@ -382,7 +384,7 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
             precision=cfg["precision"], deterministic=cfg["deterministic"], max_time=parse_max_time(cfg["max_time"]),
             logger=logger,
             callbacks=[
-                checkpoint, LearningRateMonitor("epoch"), EpochReport(),
+                *([best] if best else []), last, LearningRateMonitor("epoch"), EpochReport(),
                 TensorBoardImages(classes, every_n_epochs=cfg["log_images_every"]),
             ],
             enable_progress_bar=progress, log_every_n_steps=50,
@@ -397,16 +399,16 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
     if trainer.interrupted:
         raise CLIError(f"training interrupted; resume with: cifar-train --resume {run_dir / 'checkpoints' / 'last.ckpt'}")
 
-    best = checkpoint.best_model_path if has_val and checkpoint.best_model_path else checkpoint.last_model_path
-    test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+    tested = best.best_model_path if best and best.best_model_path else last.last_model_path or last.best_model_path
+    test_metrics = trainer.test(module, datamodule=dm, ckpt_path=tested, verbose=False)[0]
     wall = time.perf_counter() - t0
     report = next(c for c in trainer.callbacks if isinstance(c, EpochReport))
     results = {
         "test_acc": float(test_metrics["test_acc"]),
         "test_loss": float(test_metrics["test_loss"]),
-        "best_val_acc": float(checkpoint.best_model_score) if has_val and checkpoint.best_model_score is not None else None,
-        "best_checkpoint": str(best),
-        "last_checkpoint": str(checkpoint.last_model_path),
+        "best_val_acc": float(best.best_model_score) if best and best.best_model_score is not None else None,
+        "best_checkpoint": str(tested),
+        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "epochs_run": trainer.current_epoch,
         "epoch_seconds": report.epoch_seconds,
         "train_seconds": report.train_seconds,
@@ -575,10 +577,10 @@ def run_evaluation(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     probs = predict_probs(module, ds.images, args.batch_size, device)
     meta = {
         "model": module.hparams.model,
-        "checkpoint": str(ckpt_path.resolve()),
+        "checkpoint": str(ckpt_path),
         "checkpoint_sha256": sha256_of(ckpt_path),
         "split": args.split,
-        "data_dir": str(Path(data_dir).resolve()),
+        "data_dir": str(data_dir),
     }
     # Written into a temporary sibling, then renamed: an interrupted evaluation never leaves a
     # half-written report, and --overwrite replaces the old one only once the new one is whole.

@@ -166,3 +166,14 @@ def test_a_bad_flag_in_a_real_subprocess_prints_no_traceback(tmp_path: Path) -> 
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--epochs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_last_checkpoint_is_the_latest_epoch_even_when_validation_stops_improving(imagefolder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    # lr so small that val_acc never improves after the first epoch
+    assert run_train(tiny_args(imagefolder, logs, "--epochs", "3", "--lr", "1e-12")) == 0
+    ckpts = logs / "version_0" / "checkpoints"
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2
+    (best,) = ckpts.glob("best-*.ckpt")
+    assert torch.load(best, map_location="cpu", weights_only=True)["epoch"] == 0
