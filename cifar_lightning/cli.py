@@ -238,8 +238,6 @@ def _check_config_values(cfg: dict[str, Any]) -> None:
 
     if cfg["model"] not in MODELS:
         raise CLIError(f"--model {cfg['model']!r}: unknown; choose from {', '.join(sorted(MODELS))}")
-    if cfg["resume"] and cfg["init_from"]:
-        raise CLIError("--resume and --init-from exclude each other: resume continues a run, init-from starts a new one")
 
 
 def _version_of(run_dir: Path) -> int | None:
@@ -282,19 +280,19 @@ def resolve_train_config(argv: list[str] | None) -> dict[str, Any]:
     args = vars(train_parser().parse_args(argv))
     cfg = dict(TRAIN_DEFAULTS)
     file_cfg = _read_yaml_config(args.pop("config")) if "config" in args else {}
-    resume = args.get("resume", file_cfg.get("resume"))
-    if resume:
-        # A resumed run keeps its own saved configuration; flags given now still override it.
-        log_dir = Path(args.get("log_dir", file_cfg.get("log_dir", cfg["log_dir"])))
-        ckpt = find_last_checkpoint(log_dir) if resume == "last" else Path(resume)
+    given = {**file_cfg, **args}
+    if given.get("resume") and given.get("init_from"):
+        raise CLIError("--resume and --init-from exclude each other: resume continues a run, init-from starts a new one")
+    if given.get("resume"):
+        # A resumed run keeps its own saved configuration (init_from included, as a record of
+        # where its weights came from); options given now still override it.
+        log_dir = Path(given.get("log_dir", cfg["log_dir"]))
+        ckpt = find_last_checkpoint(log_dir) if given["resume"] == "last" else Path(given["resume"])
         saved = ckpt.parent.parent / "config.yaml"
         if saved.is_file():
-            cfg.update({k: v for k, v in _read_yaml_config(str(saved)).items() if k in TRAIN_DEFAULTS})
-        cfg["resume"] = str(ckpt)
-    cfg.update(file_cfg)
-    cfg.update(args)
-    if resume:
-        cfg["resume"] = str(ckpt)
+            cfg.update(_read_yaml_config(str(saved)))
+        given["resume"] = str(ckpt)
+    cfg.update(given)
     _check_config_values(cfg)
     return cfg
 
@@ -388,7 +386,7 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
                 TensorBoardImages(classes, every_n_epochs=cfg["log_images_every"]),
             ],
             enable_progress_bar=progress, log_every_n_steps=50,
-            limit_val_batches=1.0 if has_val else 0, num_sanity_val_steps=0 if not has_val else 2,
+            **({} if has_val else {"limit_val_batches": 0, "num_sanity_val_steps": 0}),
             enable_model_summary=progress,
         )  # fmt: skip
     except BaseException:

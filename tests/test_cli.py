@@ -177,3 +177,12 @@ def test_last_checkpoint_is_the_latest_epoch_even_when_validation_stops_improvin
     assert last["epoch"] == 2
     (best,) = ckpts.glob("best-*.ckpt")
     assert torch.load(best, map_location="cpu", weights_only=True)["epoch"] == 0
+
+
+def test_a_refit_run_can_itself_be_resumed(imagefolder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    assert run_train(tiny_args(imagefolder, logs)) == 0
+    assert run_train(tiny_args(imagefolder, logs, "--init-from", str(logs / "version_0/checkpoints/last.ckpt"))) == 0
+    assert run_train(["--resume", "last", "--log-dir", str(logs), "--epochs", "2"]) == 0
+    results = json.loads((logs / "version_1/results.json").read_text())
+    assert results["epochs_run"] == 2 and results["config"]["init_from"].endswith("version_0/checkpoints/last.ckpt")
