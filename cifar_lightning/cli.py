@@ -601,9 +601,11 @@ def _cli_errors() -> tuple[type[BaseException], ...]:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from cifar_lightning.data import DataError
+    from cifar_lightning.export import ExportError
     from cifar_lightning.module import CheckpointError
+    from cifar_lightning.predict import ImageError, ModelError
 
-    return (CLIError, DataError, CheckpointError, MisconfigurationException)
+    return (CLIError, DataError, CheckpointError, ModelError, ImageError, ExportError, MisconfigurationException)
 
 
 def _guarded(prog: str, body: Any) -> int:
@@ -692,3 +694,129 @@ def show_data_main(argv: list[str] | None = None) -> int:
         return 0
 
     return _guarded("cifar-show-data", body)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="cifar-export",
+        description="Export a checkpoint to safetensors (+ JSON metadata), ONNX or TorchScript, checked against "
+        "the PyTorch network on real test images.",
+    )
+    p.add_argument("checkpoint", help="a Lightning .ckpt written by cifar-train")
+    p.add_argument("--format", choices=("safetensors", "onnx", "torchscript"), required=True)
+    p.add_argument("--out", required=True, help="output file; its metadata goes to OUT.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--data-dir", help="test images for the check (default: the run's data dir)")
+    p.add_argument("--check-images", type=_positive_int, default=256, help="test images in the check (default 256)")
+    p.add_argument("--no-download", dest="download", action="store_false", help="never download CIFAR-10")
+    return p
+
+
+def check_batch(ckpt_path: Path, data_dir: str | None, n: int, download: bool) -> tuple[Any, str]:
+    """Normalised real test images for the export check, and where they came from. Without a
+    usable data dir: seeded random images, said so (the check then proves numerics only)."""
+    import torch
+
+    from cifar_lightning.data import CIFAR10DataModule, DataError, normalize
+
+    data_dir = data_dir or run_config_of(ckpt_path).get("data_dir")
+    if data_dir:
+        try:
+            dm = CIFAR10DataModule(data_dir=data_dir, download=download)
+            dm.prepare_data()
+            test = dm.load()["test"]
+            idx = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(0))[:n]
+            return normalize(test.images[idx]), f"{len(idx)} test images of {data_dir}"
+        except DataError as e:
+            print(f"cifar-export: note: {e}; checking on random images instead", file=sys.stderr)
+    g = torch.Generator().manual_seed(0)
+    return normalize(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)), f"{n} random images"
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """Entry point of cifar-export."""
+    args = export_parser().parse_args(argv)
+
+    def body() -> int:
+        from cifar_lightning.export import export
+        from cifar_lightning.module import classifier_from_checkpoint, load_checkpoint
+
+        ckpt_path, out = Path(args.checkpoint), Path(args.out)
+        module = classifier_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
+        if out.exists() and not args.overwrite:
+            raise CLIError(f"--out {out}: exists; pass --overwrite or choose another path")
+        images, where = check_batch(ckpt_path, args.data_dir, args.check_images, args.download)
+        try:
+            check = export(module, ckpt_path, args.format, out, images)
+        except OSError as e:
+            raise CLIError(f"--out {out}: cannot write ({e.strerror or e})") from None
+        print(f"wrote {out} and {out.name}.json")
+        print(
+            f"check on {where}: max |logit difference| {check['max_abs_logit_diff']:.2e} (limit 1e-4), "
+            f"same top-1 on {check['same_top1']}/{check['images']}"
+        )
+        return 0
+
+    return _guarded("cifar-export", body)
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="cifar-predict",
+        description="Classify image files (or folders, recursively) with a .ckpt, .safetensors or .onnx model. "
+        "Exit status: 0 every input predicted, 1 some inputs failed, 2 bad model or flags.",
+    )
+    p.add_argument("model", help="a Lightning .ckpt, a cifar-export .safetensors (with its .json) or an .onnx")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of tables")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--accelerator", choices=("cpu", "gpu", "cuda", "mps", "auto"), default="cpu")
+    return p
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    """Entry point of cifar-predict."""
+    args = predict_parser().parse_args(argv)
+
+    def body() -> int:
+        import torch
+
+        from cifar_lightning.predict import ImageError, expand_inputs, load_classifier, load_image
+
+        clf = load_classifier(args.model, device=pick_device(args.accelerator))
+        files = expand_inputs(args.paths)
+        if not files:
+            raise CLIError("no image files found in the given paths")
+        results: list[dict[str, Any]] = []
+        good, images = [], []
+        for f in files:
+            try:
+                images.append(torch.from_numpy(load_image(f)).permute(2, 0, 1))
+                good.append(len(results))
+                results.append({"path": str(f)})
+            except ImageError as e:
+                results.append({"path": str(f), "error": str(e)})
+        if images:
+            probs = clf.probabilities(torch.stack(images), args.batch_size)
+            for i, top in zip(good, clf.top_k(probs, args.top_k), strict=True):
+                results[i]["top_k"] = top
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            for r in results:
+                if "error" in r:
+                    print(f"error: {r['error']}", file=sys.stderr)
+                    continue
+                print(r["path"])
+                for t in r["top_k"]:
+                    print(f"  {t['class']:<12} {t['probability']:.4f}")
+        return 0 if len(good) == len(results) else 1
+
+    return _guarded("cifar-predict", body)
