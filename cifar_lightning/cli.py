@@ -514,16 +514,6 @@ def next_free_dir(base: Path) -> Path:
     return candidate
 
 
-def sha256_of(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def predict_probs(module: Any, images: Any, batch_size: int, device: str) -> Any:
     """Softmax probabilities for uint8 images, in batches, on ``device``."""
     import torch
@@ -541,6 +531,7 @@ def predict_probs(module: Any, images: Any, batch_size: int, device: str) -> Any
 def run_evaluation(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     from cifar_lightning import report
     from cifar_lightning.data import CIFAR10DataModule, DataError
+    from cifar_lightning.export import sha256_of
     from cifar_lightning.module import classifier_from_checkpoint, load_checkpoint
 
     ckpt_path = Path(args.checkpoint)

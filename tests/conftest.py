@@ -39,6 +39,37 @@ def write_imagefolder(root: Path, n_train: int = 12, n_test: int = 4, classes=CL
     return root
 
 
+def call(main, argv: list[str]) -> int:
+    """A CLI entry point's exit status, also when argparse exits from inside it."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def train_tiny_run(root: Path, *extra: str, epochs: int = 1) -> tuple[Path, Path]:
+    """cifar-train on a fresh tiny tree under root, with its own cache: (tree, run dir)."""
+    import os
+
+    from cifar_lightning.cli import train_main
+
+    tree = write_imagefolder(root / "tree")
+    old = os.environ.get("CIFAR_LIGHTNING_CACHE")
+    os.environ["CIFAR_LIGHTNING_CACHE"] = str(root / "cache")
+    try:
+        code = train_main([
+            "--data-dir", str(tree), "--log-dir", str(root / "logs"), "--val-size", "20", "--epochs", str(epochs),
+            "--batch-size", "32", "--accelerator", "cpu", "--no-progress-bar", *extra,
+        ])  # fmt: skip
+    finally:
+        if old is None:
+            os.environ.pop("CIFAR_LIGHTNING_CACHE", None)
+        else:
+            os.environ["CIFAR_LIGHTNING_CACHE"] = old
+    assert code == 0
+    return tree, root / "logs" / "version_0"
+
+
 @pytest.fixture
 def imagefolder(tmp_path: Path) -> Path:
     """train: 10 classes x 12 PNGs, test: 10 x 4."""

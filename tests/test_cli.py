@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import call
 
 from cifar_lightning.cli import train_main
 
@@ -25,10 +26,7 @@ def tiny_args(tree: Path, logs: Path, *extra: str) -> list[str]:
 
 
 def run_train(argv: list[str]) -> int:
-    try:
-        return train_main(argv)
-    except SystemExit as e:  # argparse errors exit from inside parse_args
-        return int(e.code)
+    return call(train_main, argv)
 
 
 def digest(folder: Path) -> dict[str, str]:

@@ -9,44 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import call
 from PIL import Image
 
-from cifar_lightning.cli import evaluate_main, show_data_main, train_main
+from cifar_lightning.cli import evaluate_main, show_data_main
 
 FIGURES = ["confusion.png", "confusion_normalized.png", "predictions.png", "misclassified.png",
            "per_class.png", "calibration.png", "curves.png"]  # fmt: skip
 
 
-def call(main, argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return int(e.code)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 2-epoch tiny run with TensorBoard images every epoch: (data tree, run dir)."""
-    import os
+    from conftest import train_tiny_run
 
-    from conftest import write_imagefolder
-
-    root = tmp_path_factory.mktemp("eval")
-    old = os.environ.get("CIFAR_LIGHTNING_CACHE")
-    os.environ["CIFAR_LIGHTNING_CACHE"] = str(root / "cache")
-    try:
-        tree = write_imagefolder(root / "tree")
-        code = train_main([
-            "--data-dir", str(tree), "--log-dir", str(root / "logs"), "--val-size", "20", "--epochs", "2",
-            "--batch-size", "32", "--accelerator", "cpu", "--no-progress-bar", "--log-images-every", "1",
-        ])  # fmt: skip
-    finally:
-        if old is None:
-            os.environ.pop("CIFAR_LIGHTNING_CACHE", None)
-        else:
-            os.environ["CIFAR_LIGHTNING_CACHE"] = old
-    assert code == 0
-    return tree, root / "logs" / "version_0"
+    return train_tiny_run(tmp_path_factory.mktemp("eval"), "--log-images-every", "1", epochs=2)
 
 
 def test_evaluate_writes_a_full_report_beside_the_run_and_never_overwrites_it(run, capsys) -> None:

@@ -10,41 +10,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import call
 from PIL import Image
 
 from cifar_lightning import load_classifier
-from cifar_lightning.cli import evaluate_main, export_main, predict_main, train_main
+from cifar_lightning.cli import evaluate_main, export_main, predict_main
 from cifar_lightning.predict import ModelError, as_uint8_batch
-
-
-def call(main, argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return int(e.code)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 1-epoch tiny run, exported to every format."""
-    from conftest import write_imagefolder
+    from conftest import train_tiny_run
 
     root = tmp_path_factory.mktemp("export")
-    old = os.environ.get("CIFAR_LIGHTNING_CACHE")
-    os.environ["CIFAR_LIGHTNING_CACHE"] = str(root / "cache")
-    try:
-        tree = write_imagefolder(root / "tree")
-        assert train_main([
-            "--data-dir", str(tree), "--log-dir", str(root / "logs"), "--val-size", "20", "--epochs", "1",
-            "--batch-size", "32", "--accelerator", "cpu", "--no-progress-bar", "--log-images-every", "0",
-        ]) == 0  # fmt: skip
-        (ckpt,) = (root / "logs/version_0/checkpoints").glob("best-*.ckpt")
-        paths = {"tree": tree, "ckpt": ckpt, "root": root}
-        for fmt in ("safetensors", "onnx", "torchscript"):
-            paths[fmt] = root / f"model.{fmt}"
-            assert call(export_main, [str(ckpt), "--format", fmt, "--out", str(paths[fmt])]) == 0
-    finally:
-        os.environ.pop("CIFAR_LIGHTNING_CACHE", None) if old is None else os.environ.__setitem__("CIFAR_LIGHTNING_CACHE", old)
+    tree, run_dir = train_tiny_run(root, "--log-images-every", "0")
+    (ckpt,) = (run_dir / "checkpoints").glob("best-*.ckpt")
+    paths = {"tree": tree, "ckpt": ckpt, "root": root}
+    for fmt in ("safetensors", "onnx", "torchscript"):
+        paths[fmt] = root / f"model.{fmt}"
+        assert call(export_main, [str(ckpt), "--format", fmt, "--out", str(paths[fmt])]) == 0
     return paths
 
 
