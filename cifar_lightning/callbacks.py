@@ -97,3 +97,46 @@ class TensorBoardImages(L.Callback):
         grid = report.prediction_grid(self._images, labels[:n], self._probs, self.class_names, title=f"epoch {step + 1}")
         writer.add_figure("val/predictions", grid, step)
         self._preds, self._labels = [], []
+
+
+class Lookahead(L.Callback):
+    """Lookahead weight averaging as airbench uses it: every ``every`` steps the weights (and
+    BatchNorm statistics) are pulled into a slow copy, ``slow = lerp(slow, fast, 1 - decay)``,
+    and the network continues from the slow copy. ``decay`` grows from 0 to ``alpha`` as
+    (step / total)**3, so averaging only bites late in training, when the noise of the last
+    steps matters most; at the last step the network ends on the slow copy.
+
+    Its slow copy is saved in checkpoints, so a resumed run averages exactly as an unbroken one.
+    """
+
+    def __init__(self, every: int = 5, alpha: float = 0.95**5, power: float = 3.0) -> None:
+        self.every, self.alpha, self.power = every, alpha, power
+        self.slow: dict | None = None
+
+    def _float_state(self, pl_module: L.LightningModule) -> dict:
+        return {k: v for k, v in pl_module.state_dict().items() if v.is_floating_point()}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.slow is None:
+            self.slow = {k: v.detach().clone() for k, v in self._float_state(pl_module).items()}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
+        import torch
+
+        step, total = trainer.global_step, max(int(trainer.estimated_stepping_batches), 1)
+        if step % self.every and step != total:
+            return
+        decay = 1.0 if step >= total else self.alpha * (step / total) ** self.power
+        with torch.no_grad():
+            for k, fast in self._float_state(pl_module).items():
+                slow = self.slow[k]
+                if slow.device != fast.device:  # restored from a checkpoint mapped elsewhere
+                    slow = self.slow[k] = slow.to(fast.device)
+                slow.lerp_(fast, 1 - decay)
+                fast.copy_(slow)
+
+    def state_dict(self) -> dict:
+        return {"slow": self.slow}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.slow = state_dict["slow"]

@@ -22,8 +22,10 @@ import yaml
 
 from cifar_lightning.augment import AUGMENTS, SEED_DEFAULTS, STANDARD_DEFAULTS
 
-# Resolved in this order, later wins: TRAIN_DEFAULTS < (resumed run's config) < --config < flags.
+# Resolved in this order, later wins:
+#   TRAIN_DEFAULTS < PRESETS[preset] < (resumed run's config) < --config < flags.
 TRAIN_DEFAULTS: dict[str, Any] = {
+    "preset": None,
     "model": "seed",
     "epochs": 20,
     "batch_size": 64,
@@ -32,6 +34,13 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "schedule": "none",
     "label_smoothing": 0.0,
+    "momentum": 0.9,
+    "norm_bias_lr_scale": 1.0,
+    "warmup_fraction": 0.2,
+    "whiten_bias_epochs": 0,
+    "widths": None,
+    "tta": 0,
+    "lookahead": False,
     "augment": "none",
     "accelerator": "auto",
     "devices": "auto",
@@ -60,8 +69,41 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "brightness": None,
     "crop_padding": None,
 }
+# A preset is a whole recipe: network, epochs, optimiser, schedule, augmentation, precision.
+# Flags and --config still override any of its values. "seed" is the Keras notebook.
+# The fast presets train on all 50,000 training images (val_size 0): their schedule is fixed in
+# advance, so there is nothing for a validation split to choose, and the test set is still only
+# read once, at the end. Every figure behind them is in README ("The fast recipe").
+_FAST: dict[str, Any] = {
+    "model": "fast",
+    "widths": [64, 256, 256],
+    "batch_size": 1024,
+    "optimizer": "sgd",
+    "lr": 1.5,  # for the batch-mean loss at batch 1024 (airbench's 11.5 per 1024 summed examples)
+    "momentum": 0.85,
+    "weight_decay": 1.33e-3,  # x lr 1.5 = 0.002 decay per step, airbench's decoupled 0.0153 per 1024
+    "norm_bias_lr_scale": 64.0,  # BatchNorm shifts learn 64x faster
+    "schedule": "triangle",
+    "warmup_fraction": 0.2,
+    "label_smoothing": 0.2,
+    "whiten_bias_epochs": 3,
+    "augment": "standard",
+    "crop_padding": 2,
+    "tta": 2,
+    "val_size": 0,
+    "precision": "auto",  # bf16-mixed where the CPU or GPU runs bf16 natively, else 32-true
+    "log_images_every": 0,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed": {"model": "seed", "epochs": 20, "batch_size": 64, "optimizer": "adam", "lr": 1e-3, "augment": "none"},
+    "90": {**_FAST, "epochs": 6, "widths": [32, 128, 128]},
+    "93": {**_FAST, "epochs": 8},
+    "94": {**_FAST, "epochs": 10},
+}
+DEFAULT_PRESET = "94"
+
 AUG_OPTIONS = ("shift", "flip", "zoom", "rotation", "brightness", "crop_padding")
-PRECISIONS = ("64-true", "64", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+PRECISIONS = ("auto", "64-true", "64", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 
 
@@ -115,6 +157,16 @@ def _devices(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'auto', a count or a list like '0,1', got {text!r}") from None
 
 
+def _widths(text: str) -> list[int]:
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        widths = []
+    if len(widths) != 3 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive channel counts like 64,256,256, got {text!r}")
+    return widths
+
+
 def parse_max_time(value: str | int | float | None) -> dt.timedelta | None:
     """Seconds ('1800'), or Lightning's 'DD:HH:MM:SS' / 'HH:MM:SS' / 'MM:SS'."""
     if value is None:
@@ -145,11 +197,21 @@ def add_augment_ranges(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--zoom", type=_non_negative_float, help=f"seed: scale range 1±zoom (default {sd['zoom']})")
     g.add_argument("--rotation", type=_non_negative_float, help=f"seed: max degrees (default {sd['rotation']})")
     g.add_argument("--brightness", type=_non_negative_float, help=f"seed: factor range 1±b (default {sd['brightness']})")
-    g.add_argument("--crop-padding", type=_non_negative_int, help=f"standard: pad px (default {STANDARD_DEFAULTS['crop_padding']})")
+    g.add_argument(
+        "--crop-padding", type=_non_negative_int, help=f"standard: pad px (default {STANDARD_DEFAULTS['crop_padding']}; fast presets 2)"
+    )
+
+
+def _by_preset(key: str) -> str:
+    """Help text: what each preset sets this option to, e.g. '(94: 10, 93: 7, 90: 6, seed: 20)'."""
+    values = [f"{name}: {' '.join(str(v) for v in value) if isinstance(value := {**TRAIN_DEFAULTS, **preset}[key], list) else value}"
+              for name, preset in sorted(PRESETS.items(), key=lambda kv: kv[0] != DEFAULT_PRESET)]  # fmt: skip
+    return f"({', '.join(values)})"
 
 
 def train_parser() -> argparse.ArgumentParser:
     d = TRAIN_DEFAULTS
+    b = _by_preset
     p = OneLineParser(
         prog="cifar-train",
         description="Train a CIFAR-10 classifier with PyTorch Lightning, then test it on the official test set.",
@@ -157,34 +219,50 @@ def train_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", help="YAML file with any of these options (keys as flag names, - or _)")
+    p.add_argument(
+        "--preset", choices=tuple(PRESETS),
+        help=f"a whole recipe: 90/93/94 (the fast network, aimed at that test accuracy) or seed (the Keras notebook); "
+        f"flags override its values (default {DEFAULT_PRESET}, or seed with --model seed)",
+    )  # fmt: skip
 
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--model", help=f"network name (default {d['model']})")
-    g.add_argument("--epochs", type=_positive_int, help=f"(default {d['epochs']})")
-    g.add_argument("--batch-size", type=_positive_int, help=f"(default {d['batch_size']})")
-    g.add_argument("--lr", type=_positive_float, help=f"learning rate (default {d['lr']})")
-    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), help=f"(default {d['optimizer']})")
-    g.add_argument("--weight-decay", type=_non_negative_float, help=f"(default {d['weight_decay']})")
-    g.add_argument("--schedule", choices=("none", "cosine", "onecycle"), help="learning-rate schedule (default none)")
-    g.add_argument("--label-smoothing", type=_non_negative_float, help="(default 0)")
+    g.add_argument("--model", help=f"network name {b('model')}")
+    g.add_argument("--epochs", type=_positive_int, help=b("epochs"))
+    g.add_argument("--batch-size", type=_positive_int, help=b("batch_size"))
+    g.add_argument("--lr", type=_positive_float, help=f"learning rate {b('lr')}")
+    g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), help=b("optimizer"))
+    g.add_argument("--weight-decay", type=_non_negative_float, help=b("weight_decay"))
+    g.add_argument("--schedule", choices=("none", "cosine", "onecycle", "triangle"),
+                   help=f"per-step learning-rate schedule; triangle: warm-up then linear decay to 0 {b('schedule')}")
+    g.add_argument("--label-smoothing", type=_non_negative_float, help=b("label_smoothing"))
+    g.add_argument("--momentum", type=_non_negative_float, help=f"SGD (Nesterov) momentum {b('momentum')}")
+    g.add_argument("--widths", type=_widths, help=f"fast network: channels of its three conv groups, e.g. 64,256,256 {b('widths')}")
+    g.add_argument("--lookahead", dest="lookahead", action="store_true", help="lookahead weight averaging (airbench's)")
+    g.add_argument("--no-lookahead", dest="lookahead", action="store_false")
+    g.add_argument(
+        "--tta", type=int, choices=(0, 1, 2),
+        help=f"test-time augmentation of the final test: 0 none, 1 mirror, 2 mirror+translate {b('tta')}",
+    )
 
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help=f"CIFAR-10 folder: image-folder tree or torchvision's (default {d['data_dir']})")
     g.add_argument("--data-source", choices=("auto", "imagefolder", "cifar10"), help="force the source kind (default auto)")
     g.add_argument("--no-download", dest="download", action="store_false", help="never download CIFAR-10")
-    g.add_argument("--val-size", type=_non_negative_int, help=f"training images held out for validation (default {d['val_size']})")
+    g.add_argument("--val-size", type=_non_negative_int, help=f"training images held out for validation {b('val_size')}")
     g.add_argument("--split-seed", type=int, help="seed of the fixed train/val split (default 0)")
     g.add_argument("--limit-train-images", type=_positive_int, help="train on the first N images of the split")
     g.add_argument("--num-workers", type=_non_negative_int, help="DataLoader workers; data is in memory (default 0)")
 
     g = p.add_argument_group("augmentation (on the device, training batches only)")
-    g.add_argument("--augment", choices=AUGMENTS, help="none | seed (the notebook's ops) | standard (crop+flip)")
+    g.add_argument("--augment", choices=AUGMENTS, help=f"none | seed (the notebook's ops) | standard (crop+flip) {b('augment')}")
     add_augment_ranges(g)
 
     g = p.add_argument_group("trainer")
     g.add_argument("--accelerator", choices=ACCELERATORS, help="(default auto)")
     g.add_argument("--devices", type=_devices, help="device count or ids (default auto)")
-    g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d['precision']})")
+    g.add_argument(
+        "--precision", choices=PRECISIONS, help=f"auto: bf16-mixed where the hardware has native bf16, else 32-true {b('precision')}"
+    )
     g.add_argument("--seed", type=int, help=f"seed for init, shuffling, augmentation (default {d['seed']})")
     g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms")
     g.add_argument("--max-time", help="stop after this long: seconds or DD:HH:MM:SS")
@@ -276,23 +354,38 @@ def claim_new_run_dir(log_dir: Path) -> Path:
             raise CLIError(f"--log-dir {log_dir}: cannot create a run directory there ({e.strerror})") from None
 
 
+def _implied_preset(cfg: dict[str, Any]) -> str:
+    """The preset a configuration names, or implies by its model (runs saved before presets
+    existed were all the seed recipe)."""
+    return cfg.get("preset") or ("seed" if cfg.get("model") == "seed" else DEFAULT_PRESET)
+
+
 def resolve_train_config(argv: list[str] | None) -> dict[str, Any]:
     args = vars(train_parser().parse_args(argv))
-    cfg = dict(TRAIN_DEFAULTS)
     file_cfg = _read_yaml_config(args.pop("config")) if "config" in args else {}
     given = {**file_cfg, **args}
     if given.get("resume") and given.get("init_from"):
         raise CLIError("--resume and --init-from exclude each other: resume continues a run, init-from starts a new one")
+    saved_cfg: dict[str, Any] = {}
     if given.get("resume"):
         # A resumed run keeps its own saved configuration (init_from included, as a record of
         # where its weights came from); options given now still override it.
-        log_dir = Path(given.get("log_dir", cfg["log_dir"]))
+        log_dir = Path(given.get("log_dir", TRAIN_DEFAULTS["log_dir"]))
         ckpt = find_last_checkpoint(log_dir) if given["resume"] == "last" else Path(given["resume"])
         saved = ckpt.parent.parent / "config.yaml"
         if saved.is_file():
-            cfg.update(_read_yaml_config(str(saved)))
+            saved_cfg = _read_yaml_config(str(saved))
         given["resume"] = str(ckpt)
-    cfg.update(given)
+    preset = given.get("preset")
+    if not preset and saved_cfg:
+        preset = _implied_preset(saved_cfg)
+    elif not preset and given.get("init_from") and "model" not in given:
+        # A refit continues the recipe of the run it starts from (its network and widths).
+        preset = _implied_preset(run_config_of(Path(given["init_from"])) or {"model": given.get("model")})
+    preset = preset or _implied_preset({"model": given.get("model")})
+    if preset not in PRESETS:
+        raise CLIError(f"--preset {preset!r}: choose from {', '.join(PRESETS)}")
+    cfg = {**TRAIN_DEFAULTS, **PRESETS[preset], "preset": preset, **saved_cfg, **given}
     _check_config_values(cfg)
     return cfg
 
@@ -303,15 +396,32 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
-def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """'auto': bf16-mixed where the hardware computes in bf16 natively (CPUs with AVX512-BF16 or
+    AMX, where it trains the fast network about twice as fast as fp32; Ampere or newer GPUs),
+    else 32-true. Emulated bf16 would be slower than fp32."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return "32-true"
+    return "bf16-mixed" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
+def run_training(cfg: dict[str, Any], callbacks: list | None = None) -> dict[str, Any]:
     """Train, checkpoint, test on the official test set; returns the results written to
-    results.json in the run directory."""
+    results.json in the run directory. ``callbacks`` are added to the Trainer's (benchmarks
+    use this to probe a run without changing it)."""
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from cifar_lightning.callbacks import EpochReport, TensorBoardImages
+    from cifar_lightning.callbacks import EpochReport, Lookahead, TensorBoardImages
     from cifar_lightning.data import CIFAR10DataModule
     from cifar_lightning.module import ImageClassifier, classifier_from_checkpoint, load_checkpoint
 
@@ -342,8 +452,11 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
         try:
             module = ImageClassifier(
                 model=cfg["model"], num_classes=len(classes), lr=cfg["lr"], optimizer=cfg["optimizer"],
-                weight_decay=cfg["weight_decay"], schedule=cfg["schedule"],
+                weight_decay=cfg["weight_decay"], schedule=cfg["schedule"], momentum=cfg["momentum"],
                 label_smoothing=cfg["label_smoothing"], class_names=classes,
+                model_args={"widths": list(cfg["widths"])} if cfg["widths"] and cfg["model"] == "fast" else None,
+                norm_bias_lr_scale=cfg["norm_bias_lr_scale"], warmup_fraction=cfg["warmup_fraction"],
+                whiten_bias_epochs=cfg["whiten_bias_epochs"], tta=cfg["tta"],
             )  # fmt: skip
         except ValueError as e:
             raise CLIError(str(e)) from None
@@ -379,13 +492,15 @@ def run_training(cfg: dict[str, Any]) -> dict[str, Any]:
     try:
         trainer = L.Trainer(
             max_epochs=cfg["epochs"], accelerator=cfg["accelerator"], devices=cfg["devices"],
-            precision=cfg["precision"], deterministic=cfg["deterministic"], max_time=parse_max_time(cfg["max_time"]),
+            precision=resolve_precision(cfg["precision"], cfg["accelerator"]), deterministic=cfg["deterministic"],
+            max_time=parse_max_time(cfg["max_time"]),
             logger=logger,
             callbacks=[
                 *([best] if best else []), last, LearningRateMonitor("epoch"), EpochReport(),
                 TensorBoardImages(classes, every_n_epochs=cfg["log_images_every"]),
+                *([Lookahead()] if cfg["lookahead"] else []), *(callbacks or []),
             ],
-            enable_progress_bar=progress, log_every_n_steps=50,
+            enable_progress_bar=progress, log_every_n_steps=10,
             **({} if has_val else {"limit_val_batches": 0, "num_sanity_val_steps": 0}),
             enable_model_summary=progress,
         )  # fmt: skip
@@ -524,7 +639,8 @@ def predict_probs(module: Any, images: Any, batch_size: int, device: str) -> Any
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            out.append(module(normalize(images[i : i + batch_size].to(device))).softmax(-1).float().cpu())
+            # the run's test-time augmentation (tta) too, so this matches cifar-train's test accuracy
+            out.append(module.tta_logits(normalize(images[i : i + batch_size].to(device))).softmax(-1).float().cpu())
     return torch.cat(out) if out else torch.empty(0, module.hparams.num_classes)
 
 

@@ -65,3 +65,88 @@ class SeedCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class FrozenScaleBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with its scale fixed at 1 and only the shift learned: the following GELU and
+    the scale-free conv weights make a learned scale redundant, and fixing it trains faster
+    (airbench's choice). Momentum 0.4 (PyTorch's convention) follows fast-moving statistics
+    over a short run; a tiny eps because the inputs are never near-constant."""
+
+    def __init__(self, channels: int, momentum: float = 0.4, eps: float = 1e-12) -> None:
+        super().__init__(channels, eps=eps, momentum=momentum)
+        self.weight.requires_grad_(False)
+
+
+class ConvGroup(nn.Module):
+    """conv -> maxpool 2 -> BN -> GELU -> conv -> BN -> GELU, the fast network's unit."""
+
+    def __init__(self, cin: int, cout: int, bn_momentum: float) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = FrozenScaleBatchNorm(cout, bn_momentum)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = FrozenScaleBatchNorm(cout, bn_momentum)
+        self.act = nn.GELU()
+        for conv in (self.conv1, self.conv2):
+            # Identity-like start: the first `cin` filters pass their input channel through,
+            # so a deep stack starts near the identity and trains from the first step.
+            w = conv.weight.data
+            nn.init.dirac_(w[: w.size(1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+@register("fast")
+class FastNet(nn.Module):
+    """The notebook's family made fast: convolutions, max pooling and a dense head, plus a
+    fixed patch-whitening first layer, batch norm and GELU (after Keller Jordan's airbench).
+
+    The 2x2 whitening conv is set once from the training images' patch covariance
+    (``init_whitening``) and never trained, so the first trainable conv sees decorrelated
+    inputs; its bias trains for the first epochs only (the module decides when).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        widths: tuple[int, int, int] | list[int] = (64, 256, 256),
+        bn_momentum: float = 0.4,
+        scaling_factor: float = 1 / 9,
+        whiten_eps: float = 5e-4,
+    ) -> None:
+        super().__init__()
+        w1, w2, w3 = (int(w) for w in widths)
+        self.whiten = nn.Conv2d(3, 24, 2, bias=True)  # 2x2x3 = 12 patch dims, +/- each eigenvector
+        self.whiten.weight.requires_grad_(False)
+        self.whiten_eps = whiten_eps
+        # 0 until init_whitening ran; saved with the weights, so a checkpoint is never re-whitened.
+        self.register_buffer("whitening_ready", torch.zeros((), dtype=torch.bool))
+        self.layers = nn.Sequential(
+            nn.GELU(),
+            ConvGroup(24, w1, bn_momentum),
+            ConvGroup(w1, w2, bn_momentum),
+            ConvGroup(w2, w3, bn_momentum),
+            nn.MaxPool2d(3),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(w3, num_classes, bias=False)
+        self.scaling_factor = scaling_factor  # keeps the initial logits small (a softmax near uniform)
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor) -> None:
+        """Set the whitening filters from normalised training images (N, 3, 32, 32)."""
+        c, (h, w) = images.shape[1], self.whiten.weight.shape[2:]
+        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
+        cov = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.flip(0)
+        filters = (eigenvectors / torch.sqrt(eigenvalues + self.whiten_eps).view(-1, 1)).reshape(-1, c, h, w)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
+        self.whitening_ready.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.whiten(x))) * self.scaling_factor

@@ -19,7 +19,9 @@ import torchmetrics
 from cifar_lightning import models
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "cosine", "onecycle")
+SCHEDULES = ("none", "cosine", "onecycle", "triangle")
+#: test-time augmentation levels: 0 none, 1 + mirror, 2 + mirror and 1-px translations (6 views)
+TTA_LEVELS = (0, 1, 2)
 
 
 class ImageClassifier(L.LightningModule):
@@ -41,12 +43,19 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         model_args: dict | None = None,
         class_names: list[str] | None = None,
+        norm_bias_lr_scale: float = 1.0,
+        whiten_bias_epochs: int = 0,
+        warmup_fraction: float = 0.2,
+        tta: int = 0,
+        whitening_images: int = 5000,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown --optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown --schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if tta not in TTA_LEVELS:
+            raise ValueError(f"--tta must be one of {TTA_LEVELS}, got {tta}")
         if not lr > 0:
             raise ValueError(f"--lr must be > 0, got {lr}")
         self.save_hyperparameters()
@@ -61,6 +70,41 @@ class ImageClassifier(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
+    def on_fit_start(self) -> None:
+        """A network with a data-dependent first layer (``fast``) is set from the training
+        images once; a resumed or --init-from checkpoint carries it already."""
+        init = getattr(self.net, "init_whitening", None)
+        dm = getattr(self.trainer, "datamodule", None)
+        if init is None or bool(self.net.whitening_ready) or getattr(dm, "train_set", None) is None:
+            return
+        from cifar_lightning.data import normalize
+
+        images = dm.train_set.images[: self.hparams.whitening_images]
+        init(normalize(images).to(self.device))
+
+    def on_train_epoch_start(self) -> None:
+        # The whitening bias trains for the first few epochs only, then stays fixed (airbench).
+        if self.hparams.whiten_bias_epochs and hasattr(self.net, "whiten"):
+            self.net.whiten.bias.requires_grad_(self.current_epoch < self.hparams.whiten_bias_epochs)
+
+    def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits averaged over test-time views (``tta``): the image and its mirror, then
+        also both shifted one pixel up-left and down-right; weights as in airbench."""
+        level = self.hparams.tta
+        if level == 0:
+            return self(x)
+
+        def mirror(v: torch.Tensor) -> torch.Tensor:
+            return 0.5 * self(v) + 0.5 * self(v.flip(-1))
+
+        logits = mirror(x)
+        if level == 1:
+            return logits
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[-2:]
+        shifted = 0.5 * mirror(padded[..., :h, :w]) + 0.5 * mirror(padded[..., 2:, 2:])
+        return 0.5 * logits + 0.5 * shifted
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
@@ -72,7 +116,7 @@ class ImageClassifier(L.LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
+        logits = self.tta_logits(x) if stage == "test" else self(x)
         loss = F.cross_entropy(logits, y)  # plain CE: comparable across label-smoothing settings
         acc = self.val_acc if stage == "val" else self.test_acc
         acc(logits, y)
@@ -93,7 +137,15 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        params = self.parameters()
+        # BatchNorm shifts may learn faster than weights (airbench: 64x); their weight decay
+        # is divided by the same factor so that the decay per step stays the same.
+        norm = [p for m in self.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for p in m.parameters()]
+        norm_ids = {id(p) for p in norm}
+        rest = [p for p in self.parameters() if id(p) not in norm_ids]
+        scale = hp.norm_bias_lr_scale
+        params = [{"params": rest}]
+        if norm:
+            params.append({"params": norm, "lr": hp.lr * scale, "weight_decay": hp.weight_decay / scale})
         if hp.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
         elif hp.optimizer == "adamw":
@@ -103,10 +155,21 @@ class ImageClassifier(L.LightningModule):
         if hp.schedule == "none":
             return {"optimizer": opt}
         total = int(self.trainer.estimated_stepping_batches)
-        if hp.schedule == "cosine":
+        if hp.schedule == "triangle":
+            # Warm up linearly from 0.2x to the full rate over warmup_fraction of the steps,
+            # then decay linearly to zero at the last step.
+            peak = max(int(hp.warmup_fraction * total), 1)
+
+            def factor(step: int) -> float:
+                if step < peak:
+                    return 0.2 + 0.8 * step / peak
+                return max(0.0, (total - step) / max(total - peak, 1))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        elif hp.schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
         else:
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=max(total, 1))
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -59,7 +59,7 @@ def train_tiny_run(root: Path, *extra: str, epochs: int = 1) -> tuple[Path, Path
     try:
         code = train_main([
             "--data-dir", str(tree), "--log-dir", str(root / "logs"), "--val-size", "20", "--epochs", str(epochs),
-            "--batch-size", "32", "--accelerator", "cpu", "--no-progress-bar", *extra,
+            "--batch-size", "32", "--accelerator", "cpu", "--no-progress-bar", "--preset", "seed", *extra,
         ])  # fmt: skip
     finally:
         if old is None:

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_args(tree: Path, logs: Path, *extra: str) -> list[str]:
     return [
         "--data-dir", str(tree), "--log-dir", str(logs), "--val-size", "20", "--epochs", "1",
-        "--batch-size", "32", "--accelerator", "cpu", "--no-progress-bar", *extra,
+        "--batch-size", "32", "--accelerator", "cpu", "--no-progress-bar", "--preset", "seed", *extra,
     ]  # fmt: skip
 
 

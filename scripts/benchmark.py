@@ -1,0 +1,291 @@
+"""Training benchmarks for this machine, each measured in one run against its own reference.
+Prints figures; asserts nothing.
+
+    python scripts/benchmark.py throughput                    # img/s and GFLOP/s per network vs this machine's matmul peak
+    python scripts/benchmark.py pipeline                      # an epoch fed by the data module vs steps on in-memory tensors
+    python scripts/benchmark.py time-to-accuracy --out docs/benchmark   # each preset (and the seed recipe): accuracy vs wall time
+    python scripts/benchmark.py all --out docs/benchmark
+
+Common flags: --data-dir (default ../shared/data/cifar10), --precision auto|32-true|bf16-mixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from cifar_lightning import cli
+from cifar_lightning.data import CIFAR10DataModule, normalize
+from cifar_lightning.models import MODELS, build
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {dt.date.today().isoformat()}"
+
+
+def autocast(precision: str) -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
+    """Best GFLOP/s of an n x n matmul: the reference that conv training is compared with."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def network_for(recipe: str) -> tuple[torch.nn.Module, int]:
+    """The network and batch size a preset trains with."""
+    cfg = {**cli.TRAIN_DEFAULTS, **cli.PRESETS[recipe]}
+    args = {"widths": cfg["widths"]} if cfg["widths"] else {}
+    return build(cfg["model"], **args), cfg["batch_size"]
+
+
+def train_step_fn(net: torch.nn.Module, batch: int, precision: str):  # noqa: ANN201
+    net = net.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9, nesterov=True)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast(precision):
+            loss = F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def training_flops(net: torch.nn.Module, batch: int) -> int:
+    """FLOPs of one forward + backward pass (convolutions and matmuls, torch's own count)."""
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.cross_entropy(net(x), y).backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def bench_throughput(args: argparse.Namespace) -> list[dict]:
+    precisions = ["32-true", "bf16-mixed"] if cli.resolve_precision("auto", "cpu") == "bf16-mixed" else ["32-true"]
+    peaks = {p: matmul_peak(torch.bfloat16 if p == "bf16-mixed" else torch.float32) for p in precisions}
+    print(f"\n== training-step throughput ({machine()})")
+    for p, v in peaks.items():
+        print(f"matmul peak, {p:<10}: {v:7.1f} GFLOP/s (4096x4096, best of 5)")
+    rows = []
+    recipes = {"seed": "seed", "fast (preset 94/93)": "94", "fast, preset 90 widths": "90"}
+    print(f"{'network':<24}{'batch':>6}  {'precision':<11}{'img/s':>8}{'GFLOP/img':>11}{'GFLOP/s':>9}{'of peak':>9}")
+    for label, recipe in recipes.items():
+        net, batch = network_for(recipe)
+        flops = training_flops(net, batch) / batch
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        for p in precisions:
+            step = train_step_fn(net, batch, p)
+            for _ in range(2):
+                step(x, y)
+            n, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < args.seconds or n < 3:
+                step(x, y)
+                n += 1
+            ips = n * batch / elapsed
+            gflops = ips * flops / 1e9
+            rows.append({"network": label, "batch": batch, "precision": p, "images_per_s": ips, "gflop_per_image": flops / 1e9,
+                         "gflop_per_s": gflops, "peak_gflop_per_s": peaks[p], "efficiency": gflops / peaks[p]})  # fmt: skip
+            print(f"{label:<24}{batch:>6}  {p:<11}{ips:8.0f}{flops / 1e9:11.3f}{gflops:9.1f}{gflops / peaks[p]:9.1%}", flush=True)
+    print(f"(registered networks: {', '.join(sorted(MODELS))}; FLOPs counted by torch.utils.flop_counter, forward + backward)")
+    return rows
+
+
+def bench_pipeline(args: argparse.Namespace) -> dict:
+    """The same training steps, fed by the data module (shuffle, slice, augment, normalise) and
+    by one batch already normalised in memory: the difference is what the data path costs."""
+    cfg = {**cli.TRAIN_DEFAULTS, **cli.PRESETS["94"]}
+    precision = cli.resolve_precision(args.precision, "cpu")
+    aug = {k: cfg[k] for k in cli.AUG_OPTIONS if cfg[k] is not None}
+    dm = CIFAR10DataModule(str(args.data_dir), batch_size=cfg["batch_size"], val_size=0, augment=cfg["augment"], augment_options=aug)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(training=True)  # the hook augments only while training
+    net, batch = network_for("94")
+    step = train_step_fn(net, batch, precision)
+    steps = args.pipeline_steps
+    x0, y0 = normalize(dm.train_set.images[:batch]), dm.train_set.labels[:batch]
+    for _ in range(2):
+        step(x0, y0)
+
+    def from_memory() -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(x0, y0)
+        return time.perf_counter() - start
+
+    def from_module() -> float:
+        start, done = time.perf_counter(), 0
+        while done < steps:
+            for b in dm.train_dataloader():
+                x, y = dm.on_after_batch_transfer(b, 0)
+                step(x, y)
+                done += 1
+                if done == steps:
+                    break
+        return time.perf_counter() - start
+
+    # Interleaved and repeated, so a slow moment of the machine hits both sides alike.
+    mem, mod = [], []
+    for _ in range(args.pipeline_repeats):
+        mem.append(from_memory())
+        mod.append(from_module())
+    m, d = min(mem), min(mod)
+    print(f"\n== data pipeline ({steps} steps of batch {batch}, fast network, {precision}, augment {cfg['augment']}; best of {len(mem)})")
+    print(f"in-memory batch     : {m:6.2f} s")
+    print(f"fed by data module  : {d:6.2f} s")
+    print(f"data-path overhead  : {(d - m) / m:+.1%}")
+    return {"steps": steps, "batch": batch, "memory_s": m, "datamodule_s": d, "overhead": (d - m) / m}
+
+
+class EpochProbe(L.Callback):
+    """After each training epoch: wall seconds since the run began (without this probe's own
+    time), validation accuracy if the run has a validation split, and the test accuracy the run
+    would report if it stopped here. It reads the test set for the benchmark's curve only; the
+    run itself chooses nothing with it."""
+
+    def __init__(self, test_images: torch.Tensor, test_labels: torch.Tensor) -> None:
+        self.start = time.perf_counter()
+        self.own = 0.0
+        self.images, self.labels = test_images, test_labels
+        self.rows: list[dict] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        t = time.perf_counter()
+        wall = t - self.start - self.own
+        was_training = pl_module.training
+        pl_module.eval()
+        correct = 0
+        with torch.inference_mode(), autocast("bf16-mixed" if "bf16" in str(trainer.precision) else "32-true"):
+            for i in range(0, len(self.labels), 1000):
+                x = normalize(self.images[i : i + 1000]).to(pl_module.device)
+                correct += int((pl_module.tta_logits(x).argmax(-1).cpu() == self.labels[i : i + 1000]).sum())
+        pl_module.train(was_training)
+        val = trainer.callback_metrics.get("val_acc")
+        self.rows.append({"epoch": trainer.current_epoch + 1, "wall_s": round(wall, 2),
+                          "val_acc": round(float(val), 4) if val is not None else None,
+                          "test_acc": round(correct / len(self.labels), 4)})  # fmt: skip
+        print(f"  probe: epoch {self.rows[-1]['epoch']}  {wall:.1f} s  test_acc {self.rows[-1]['test_acc']:.4f}", flush=True)
+        self.own += time.perf_counter() - t
+
+
+def bench_time_to_accuracy(args: argparse.Namespace) -> list[dict]:
+    dm = CIFAR10DataModule(str(args.data_dir))
+    dm.setup("test")
+    rows = []
+    for recipe in args.recipes.split(","):
+        argv = ["--preset", recipe, "--data-dir", str(args.data_dir), "--log-dir", str(args.log_dir), "--seed", str(args.seed),
+                "--no-progress-bar", "--log-images-every", "0"]  # fmt: skip
+        if recipe == "seed" and args.seed_epochs:
+            argv += ["--epochs", str(args.seed_epochs)]
+        if args.precision != "auto":
+            argv += ["--precision", args.precision]
+        print(f"\n== time to accuracy: cifar-train {' '.join(argv)}", flush=True)
+        probe = EpochProbe(dm.test_set.images, dm.test_set.labels)
+        result = cli.run_training(cli.resolve_train_config(argv), callbacks=[probe])
+        for r in probe.rows:
+            rows.append({"recipe": recipe, **r})
+        print(f"{recipe}: final test accuracy {result['test_acc']:.4f}, wall {result['wall_seconds']:.1f} s "
+              f"(probe time excluded from the curve: {probe.own:.1f} s)", flush=True)  # fmt: skip
+    return rows
+
+
+def plot_time_to_accuracy(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        pts = [r for r in rows if r["recipe"] == recipe]
+        label = "seed recipe (Keras notebook CNN, Adam)" if recipe == "seed" else f"fast, --preset {recipe}"
+        ax.plot([p["wall_s"] / 60 for p in pts], [100 * p["test_acc"] for p in pts], marker="o", ms=3.5, label=label)
+    for target in (90, 93, 94):
+        ax.axhline(target, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("wall time of the cifar-train run, minutes (2-core CPU)")
+    ax.set_ylabel("test accuracy after the epoch, %")
+    ax.set_ylim(30, 96)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("CIFAR-10: accuracy against wall time, seed vs fast")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("throughput", "pipeline", "time-to-accuracy", "all"))
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--precision", default="auto", choices=("auto", "32-true", "bf16-mixed"))
+    p.add_argument("--seconds", type=float, default=15.0, help="timing per throughput measurement")
+    p.add_argument("--pipeline-steps", type=int, default=15)
+    p.add_argument("--pipeline-repeats", type=int, default=3)
+    p.add_argument("--recipes", default="90,93,94,seed", help="presets to run for time-to-accuracy")
+    p.add_argument("--seed-epochs", type=int, default=0, help="cut the seed recipe short (0: its 20 epochs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-dir", type=Path, default=Path("lightning_logs") / "benchmark")
+    p.add_argument("--out", type=Path, help="write benchmark.json, time_to_accuracy.csv and .png here")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    cli._quiet_lightning()
+    results: dict = {"machine": machine(), "cpu_count": os.cpu_count()}
+    if args.what in ("throughput", "all"):
+        results["throughput"] = bench_throughput(args)
+    if args.what in ("pipeline", "all"):
+        results["pipeline"] = bench_pipeline(args)
+    if args.what in ("time-to-accuracy", "all"):
+        rows = bench_time_to_accuracy(args)
+        results["time_to_accuracy"] = rows
+        print("\nrecipe  epoch  wall_s  val_acc  test_acc")
+        for r in rows:
+            val = "-" if r["val_acc"] is None else f"{r['val_acc']:.4f}"
+            print(f"{r['recipe']:<7} {r['epoch']:>5} {r['wall_s']:7.1f}  {val:>7}  {r['test_acc']:.4f}")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            with open(args.out / "time_to_accuracy.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["recipe", "epoch", "wall_s", "val_acc", "test_acc"])
+                w.writeheader()
+                w.writerows(rows)
+            plot_time_to_accuracy(rows, args.out / "time_to_accuracy.png")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = "benchmark.json" if args.what == "all" else f"benchmark_{args.what}.json"
+        (args.out / name).write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The fast network and the presets: shapes, whitening, optimiser groups, TTA, resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import train_tiny_run
+
+from cifar_lightning import cli, models
+from cifar_lightning.module import ImageClassifier, load_checkpoint
+
+
+@pytest.mark.parametrize("widths", [(64, 256, 256), (32, 128, 128), (8, 16, 16)])
+def test_fast_network_maps_images_to_logits(widths: tuple[int, int, int]) -> None:
+    net = models.build("fast", widths=list(widths)).eval()
+    assert net(torch.randn(5, 3, 32, 32)).shape == (5, 10)
+    assert models.build("fast", num_classes=3, widths=list(widths))(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_whitening_layer_decorrelates_training_patches() -> None:
+    torch.manual_seed(0)
+    # Strongly correlated inputs: smooth images, every channel a scaled copy of one field.
+    field = torch.nn.functional.avg_pool2d(torch.randn(400, 1, 36, 36), 5, 1)
+    images = torch.cat([field, 0.5 * field, -field], 1) + 0.2 * torch.randn(400, 3, 32, 32)
+    net = models.build("fast")
+    assert not net.whitening_ready
+    net.init_whitening(images)
+    assert net.whitening_ready and not net.whiten.weight.requires_grad
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(images, net.whiten.weight[:12])  # the +eigenvector half
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = torch.cov(flat.T)
+    # Unit variance along every direction, no correlation between the outputs.
+    assert torch.allclose(cov.diag(), torch.ones(12), atol=0.05)
+    off = cov - torch.diag(cov.diag())
+    assert off.abs().max() < 0.05
+
+
+def test_tta_averages_the_mirror_and_shifted_views() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    plain = ImageClassifier(model="fast", tta=0).eval()
+    with torch.no_grad():
+        assert torch.equal(plain.tta_logits(x), plain(x))
+        mirror = ImageClassifier(model="fast", tta=1).eval()
+        mirror.load_state_dict(plain.state_dict())
+        expected = 0.5 * plain(x) + 0.5 * plain(x.flip(-1))
+        assert torch.allclose(mirror.tta_logits(x), expected, atol=1e-6)
+        # Level 2: half the mirror pair, a quarter each for the pair shifted by one pixel
+        # towards the top-left and towards the bottom-right (borders reflected).
+        full = ImageClassifier(model="fast", tta=2).eval()
+        full.load_state_dict(plain.state_dict())
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        views = [x, padded[..., 0:32, 0:32], padded[..., 2:34, 2:34]]
+        pairs = [0.5 * plain(v) + 0.5 * plain(v.flip(-1)) for v in views]
+        assert torch.allclose(full.tta_logits(x), 0.5 * pairs[0] + 0.25 * pairs[1] + 0.25 * pairs[2], atol=1e-6)
+        assert not torch.allclose(full.tta_logits(x), mirror.tta_logits(x), atol=1e-6)
+    with pytest.raises(ValueError, match="--tta"):
+        ImageClassifier(model="fast", tta=3)
+
+
+def test_batchnorm_shifts_get_their_own_learning_rate_and_decay() -> None:
+    module = ImageClassifier(model="fast", optimizer="sgd", lr=2.0, weight_decay=1e-3, norm_bias_lr_scale=64.0)
+    opt = module.configure_optimizers()["optimizer"]
+    rest, norm = opt.param_groups
+    assert rest["lr"] == 2.0 and rest["weight_decay"] == 1e-3
+    assert norm["lr"] == 128.0 and norm["weight_decay"] == pytest.approx(1e-3 / 64)
+    norm_ids = {id(p) for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert {id(p) for p in norm["params"]} == norm_ids
+
+
+@pytest.mark.parametrize("preset", ["seed", "90", "93", "94"])
+def test_each_preset_resolves_to_a_complete_valid_configuration(preset: str) -> None:
+    cfg = cli.resolve_train_config(["--preset", preset])
+    assert cfg["preset"] == preset
+    assert set(cfg) == set(cli.TRAIN_DEFAULTS)
+    for key, value in cli.PRESETS[preset].items():
+        assert cfg[key] == value
+    cli._check_config_values(cfg)  # raises on anything invalid
+    module = ImageClassifier(
+        model=cfg["model"], lr=cfg["lr"], optimizer=cfg["optimizer"], schedule=cfg["schedule"], tta=cfg["tta"],
+        model_args={"widths": cfg["widths"]} if cfg["widths"] else None,
+    )  # fmt: skip
+    assert module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert cli.resolve_precision(cfg["precision"], "cpu") in cli.PRECISIONS
+
+
+def test_default_is_the_fast_preset_and_flags_override_it() -> None:
+    assert cli.resolve_train_config([])["preset"] == cli.DEFAULT_PRESET
+    assert cli.resolve_train_config([])["model"] == "fast"
+    seed = cli.resolve_train_config(["--model", "seed"])  # the notebook's recipe, not fast's SGD at lr 1.5
+    assert seed["preset"] == "seed" and seed["optimizer"] == "adam" and seed["lr"] == 1e-3
+    cfg = cli.resolve_train_config(["--preset", "94", "--epochs", "3", "--tta", "0", "--widths", "16,32,64"])
+    assert (cfg["epochs"], cfg["tta"], cfg["widths"], cfg["model"]) == (3, 0, [16, 32, 64], "fast")
+
+
+@pytest.mark.parametrize("bad", [["--preset", "99"], ["--widths", "64,256"], ["--widths", "a,b,c"], ["--tta", "5"]])
+def test_bad_preset_flags_exit_2_with_one_line(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import call
+
+    assert call(cli.train_main, bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_fast_run_whitens_once_and_a_resume_keeps_it(tmp_path: Path) -> None:
+    tree, run = train_tiny_run(tmp_path, "--preset", "94", "--epochs", "1", "--val-size", "20", "--widths", "8,16,16")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["preset"] == "94" and cfg["model"] == "fast" and cfg["widths"] == [8, 16, 16]
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    sd = ckpt["state_dict"]
+    assert bool(sd["net.whitening_ready"]) and sd["net.whiten.weight"].abs().sum() > 0
+    assert ckpt["hyper_parameters"]["tta"] == 2 and ckpt["hyper_parameters"]["model_args"] == {"widths": [8, 16, 16]}
+
+    from conftest import call
+
+    code = call(cli.train_main, ["--resume", str(run / "checkpoints" / "last.ckpt"), "--epochs", "2", "--accelerator", "cpu",
+                                 "--no-progress-bar", "--data-dir", str(tree)])  # fmt: skip
+    assert code == 0
+    resumed = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    assert torch.equal(resumed["net.whiten.weight"], sd["net.whiten.weight"])  # not re-whitened, not trained
+
+
+def test_a_refit_or_resume_keeps_the_recipe_of_the_run_it_starts_from(tmp_path: Path) -> None:
+    run = tmp_path / "logs" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "seed", "epochs": 20, "data_dir": "somewhere"}))  # pre-preset run
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    refit = cli.resolve_train_config(["--init-from", ckpt, "--augment", "seed", "--epochs", "10"])
+    assert (refit["preset"], refit["model"], refit["optimizer"], refit["epochs"]) == ("seed", "seed", "adam", 10)
+    resumed = cli.resolve_train_config(["--resume", ckpt])
+    assert (resumed["preset"], resumed["model"], resumed["data_dir"]) == ("seed", "seed", "somewhere")
+    (run / "config.yaml").write_text(yaml.safe_dump({"preset": "90", "model": "fast", "widths": [32, 128, 128]}))
+    assert cli.resolve_train_config(["--init-from", ckpt])["widths"] == [32, 128, 128]
+
+
+def test_lookahead_ends_on_its_slow_copy_and_saves_it_for_a_resume(tmp_path: Path) -> None:
+    _, run = train_tiny_run(tmp_path, "--preset", "94", "--widths", "8,16,16", "--lookahead", "--epochs", "2")
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("Lookahead"))
+    assert state["slow"], "the slow weights travel in the checkpoint"
+    # At the last step the decay is 1: the network is exactly its slow copy.
+    for key, slow in state["slow"].items():
+        assert torch.equal(ckpt["state_dict"][key], slow), key
