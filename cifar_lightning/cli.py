@@ -376,6 +376,17 @@ def claim_new_run_dir(log_dir: Path) -> Path:
             raise CLIError(f"--log-dir {log_dir}: cannot create a run directory there ({e.strerror})") from None
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher set it before Lightning starts: 0 for a plain run and
+    for the process that Lightning's DDP launcher starts from; torchrun, SLURM and Lightning's
+    launcher set these variables for the others."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
 def _implied_preset(cfg: dict[str, Any]) -> str:
     """The preset a configuration names, or implies by its model (runs saved before presets
     existed were all the seed recipe)."""
@@ -500,13 +511,16 @@ def run_training(cfg: dict[str, Any], callbacks: list | None = None) -> dict[str
                 module.net.load_state_dict({k[4:]: v for k, v in src["state_dict"].items() if k.startswith("net.")})
             except RuntimeError as e:
                 raise CLIError(f"--init-from {cfg['init_from']}: weights do not fit ({str(e).splitlines()[0]})") from None
-        run_dir = claim_new_run_dir(Path(cfg["log_dir"]))
+        # Under DDP only rank 0 claims a run directory; Lightning broadcasts its checkpoint
+        # folder to the other processes, which write nothing of their own.
+        run_dir = claim_new_run_dir(Path(cfg["log_dir"])) if launch_rank() == 0 else Path(cfg["log_dir"]) / f".rank{launch_rank()}"
     if cfg["channels_last"]:
         module = module.to(memory_format=torch.channels_last)
         module.channels_last = True
 
-    with open(run_dir / "config.yaml", "w") as f:
-        yaml.safe_dump({k: v for k, v in cfg.items() if k != "resume"}, f, sort_keys=False)
+    if launch_rank() == 0:
+        with open(run_dir / "config.yaml", "w") as f:
+            yaml.safe_dump({k: v for k, v in cfg.items() if k != "resume"}, f, sort_keys=False)
 
     has_val = cfg["val_size"] > 0
     # Two callbacks, because Lightning's save_last only refreshes last.ckpt when the monitored
@@ -589,7 +603,7 @@ def run_training(cfg: dict[str, Any], callbacks: list | None = None) -> dict[str
             final["hp/best_val_acc"] = results["best_val_acc"]
         logger.log_hyperparams(hparams, final)
         logger.finalize("success")
-    return results
+    return {**results, "global_rank": trainer.global_rank}
 
 
 def print_summary(r: dict[str, Any]) -> None:
@@ -615,7 +629,9 @@ def train_main(argv: list[str] | None = None) -> int:
     """Entry point of cifar-train."""
 
     def body() -> int:
-        print_summary(run_training(resolve_train_config(argv)))
+        results = run_training(resolve_train_config(argv))
+        if results["global_rank"] == 0:
+            print_summary(results)
         return 0
 
     return _guarded("cifar-train", body)
