@@ -727,6 +727,8 @@ def run_evaluation(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 
     if args.out:
         out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"--out {out}: exists and is not a folder")
         if out.exists() and any(out.iterdir()) and not args.overwrite:
             raise CLIError(f"--out {out}: exists and is not empty; pass --overwrite or choose another folder")
     else:
