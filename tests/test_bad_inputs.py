@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import call, train_tiny_run, write_imagefolder
+from conftest import call, train_tiny_run
 from PIL import Image
 
 from cifar_lightning import load_classifier
@@ -156,8 +156,8 @@ CASES = [
          2, path_of("fast_ckpt")),  # fmt: skip
     Case("train: --init-from malicious pickle", train_main, train("--data-dir", "@tree", "--init-from", "@evil_ckpt"), 2,
          path_of("evil_ckpt")),  # fmt: skip
-    Case("train: log dir under a file", train_main, lambda w, out: train("--data-dir", "@tree")(w, out)[2:] + ["--log-dir", str(w["a_file"] / "x")],
-         2, text("--log-dir")),  # fmt: skip
+    Case("train: log dir under a file", train_main,
+         lambda w, out: [*train("--data-dir", "@tree")(w, out)[2:], "--log-dir", f"{w['a_file']}/x"], 2, text("--log-dir")),  # fmt: skip
     # cifar-evaluate
     Case("evaluate: missing checkpoint", evaluate_main, args("/no/such.ckpt"), 2, text("/no/such.ckpt")),
     Case("evaluate: random-bytes .ckpt", evaluate_main, args("@random_ckpt", "--out", "%report"), 2, path_of("random_ckpt")),
