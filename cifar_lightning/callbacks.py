@@ -153,12 +153,12 @@ class StopOnSignal(L.Callback):
     Lightning already turns SIGTERM into a stop after the current batch (``SIGTERMException``);
     a first Ctrl-C is routed the same way instead of raising KeyboardInterrupt in the middle of
     an optimiser step (a second Ctrl-C still stops at once). When the stop comes, the run's
-    state is saved to ``path`` (atomically, like every checkpoint) so ``--resume`` continues
-    from that very step.
+    state is saved as ``last.ckpt`` in the folder of ``checkpoints`` (atomically, like every
+    checkpoint; under DDP the folder rank 0 chose), so ``--resume`` continues from that step.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, checkpoints: ModelCheckpoint) -> None:
+        self.checkpoints = checkpoints
         self.signal_name: str | None = None
         self.saved: str | None = None
         self._previous = None
@@ -194,9 +194,12 @@ class StopOnSignal(L.Callback):
 
         self._restore()
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            import os
+
             self.signal_name = self.signal_name or "SIGTERM"
-            trainer.save_checkpoint(self.path)
-            self.saved = self.path
+            path = os.path.join(self.checkpoints.dirpath, "last.ckpt")
+            trainer.save_checkpoint(path)
+            self.saved = path
 
 
 class StepCheckpoint(ModelCheckpoint):

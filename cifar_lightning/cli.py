@@ -537,7 +537,7 @@ def run_training(cfg: dict[str, Any], callbacks: list | None = None) -> dict[str
         dirpath=run_dir / "checkpoints", filename="last", monitor=None, enable_version_counter=False,
         every_n_train_steps=every, save_on_train_epoch_end=False,
     ) if every else None  # fmt: skip
-    stop = StopOnSignal(str(run_dir / "checkpoints" / "last.ckpt"))
+    stop = StopOnSignal(last)
     for stale in (run_dir / "checkpoints").glob(".*.tmp-*"):  # left by a run killed mid-write
         stale.unlink(missing_ok=True)
     progress = cfg["progress_bar"] if cfg["progress_bar"] is not None else sys.stderr.isatty()

@@ -156,6 +156,7 @@ CASES = [
          2, path_of("fast_ckpt")),  # fmt: skip
     Case("train: --init-from malicious pickle", train_main, train("--data-dir", "@tree", "--init-from", "@evil_ckpt"), 2,
          path_of("evil_ckpt")),  # fmt: skip
+    Case("train: --resume malicious pickle", train_main, train("--data-dir", "@tree", "--resume", "@evil_ckpt"), 2, path_of("evil_ckpt")),
     Case("train: log dir under a file", train_main,
          lambda w, out: [*train("--data-dir", "@tree")(w, out)[2:], "--log-dir", f"{w['a_file']}/x"], 2, text("--log-dir")),  # fmt: skip
     # cifar-evaluate
