@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class EpochReport(L.Callback):
@@ -16,6 +17,10 @@ class EpochReport(L.Callback):
         self.epoch_seconds: list[float] = []
         self._start = 0.0
         self._train_end = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed mid-epoch gets no epoch-start hook for its first (partial) epoch.
+        self._start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
@@ -140,3 +145,69 @@ class Lookahead(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.slow = state_dict["slow"]
+
+
+class StopOnSignal(L.Callback):
+    """Ctrl-C (SIGINT) and SIGTERM end training at the next step boundary with a checkpoint.
+
+    Lightning already turns SIGTERM into a stop after the current batch (``SIGTERMException``);
+    a first Ctrl-C is routed the same way instead of raising KeyboardInterrupt in the middle of
+    an optimiser step (a second Ctrl-C still stops at once). When the stop comes, the run's
+    state is saved as ``last.ckpt`` in the folder of ``checkpoints`` (atomically, like every
+    checkpoint; under DDP the folder rank 0 chose), so ``--resume`` continues from that step.
+    """
+
+    def __init__(self, checkpoints: ModelCheckpoint) -> None:
+        self.checkpoints = checkpoints
+        self.signal_name: str | None = None
+        self.saved: str | None = None
+        self._previous = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sigint(signum: int, frame: object) -> None:
+            if self.signal_name:  # the second Ctrl-C: no more waiting
+                raise KeyboardInterrupt
+            self.signal_name = "SIGINT"
+            print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)", flush=True)
+            trainer._signal_connector.received_sigterm = True
+
+        self._previous = signal.signal(signal.SIGINT, on_sigint)
+
+    def _restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        self._restore()
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            import os
+
+            self.signal_name = self.signal_name or "SIGTERM"
+            path = os.path.join(self.checkpoints.dirpath, "last.ckpt")
+            trainer.save_checkpoint(path)
+            self.saved = path
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every N training steps, except after an epoch's last batch: Lightning 2.6
+    resumes a checkpoint saved there as if the following epoch had run too (it skips it), and the
+    epoch-end checkpoint comes moments later anyway, after validation."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

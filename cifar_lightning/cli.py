@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -41,6 +42,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "widths": None,
     "tta": 0,
     "lookahead": False,
+    "checkpoint_every_steps": 0,
+    "strategy": "auto",
+    "num_nodes": 1,
     "augment": "none",
     "accelerator": "auto",
     "devices": "auto",
@@ -109,6 +113,18 @@ ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class TrainingFailedError(Exception):
+    """Training could not go on (e.g. a non-finite loss): one line, exit status 1."""
+
+
+class RunInterruptedError(Exception):
+    """Stopped by a signal after saving what there was to save: one line, exit 128 + signal."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -260,6 +276,8 @@ def train_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("trainer")
     g.add_argument("--accelerator", choices=ACCELERATORS, help="(default auto)")
     g.add_argument("--devices", type=_devices, help="device count or ids (default auto)")
+    g.add_argument("--strategy", help="Lightning strategy: auto, ddp, ddp_spawn, fsdp... (default auto)")
+    g.add_argument("--num-nodes", type=_positive_int, help="machines for multi-node DDP (torchrun/SLURM set the rest) (default 1)")
     g.add_argument(
         "--precision", choices=PRECISIONS, help=f"auto: bf16-mixed where the hardware has native bf16, else 32-true {b('precision')}"
     )
@@ -276,6 +294,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--log-images-every", type=_non_negative_int, metavar="K",
         help="log a confusion heatmap and prediction grid to TensorBoard every K validation epochs; 0: never (default 1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--checkpoint-every-steps", type=_non_negative_int, metavar="N",
+        help="also save last.ckpt every N training steps, so a kill loses at most N steps (default 0: each epoch)",
     )  # fmt: skip
     g.add_argument("--resume", metavar="PATH|last", help="continue a run from its checkpoint ('last': newest run's last.ckpt)")
     g.add_argument("--init-from", metavar="CKPT", help="start a NEW run from these weights (e.g. refit with augmentation)")
@@ -354,6 +376,17 @@ def claim_new_run_dir(log_dir: Path) -> Path:
             raise CLIError(f"--log-dir {log_dir}: cannot create a run directory there ({e.strerror})") from None
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher set it before Lightning starts: 0 for a plain run and
+    for the process that Lightning's DDP launcher starts from; torchrun, SLURM and Lightning's
+    launcher set these variables for the others."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
 def _implied_preset(cfg: dict[str, Any]) -> str:
     """The preset a configuration names, or implies by its model (runs saved before presets
     existed were all the seed recipe)."""
@@ -420,10 +453,17 @@ def run_training(cfg: dict[str, Any], callbacks: list | None = None) -> dict[str
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from cifar_lightning.callbacks import EpochReport, Lookahead, TensorBoardImages
+    from cifar_lightning.callbacks import EpochReport, Lookahead, StepCheckpoint, StopOnSignal, TensorBoardImages
     from cifar_lightning.data import CIFAR10DataModule
-    from cifar_lightning.module import ImageClassifier, classifier_from_checkpoint, load_checkpoint
+    from cifar_lightning.module import (
+        AtomicCheckpointIO,
+        ImageClassifier,
+        NonFiniteLossError,
+        classifier_from_checkpoint,
+        load_checkpoint,
+    )  # fmt: skip
 
     t0 = time.perf_counter()
     _quiet_lightning()
@@ -433,7 +473,7 @@ def run_training(cfg: dict[str, Any], callbacks: list | None = None) -> dict[str
         data_dir=cfg["data_dir"], batch_size=cfg["batch_size"], val_size=cfg["val_size"],
         split_seed=cfg["split_seed"], limit_train_images=cfg["limit_train_images"], augment=cfg["augment"],
         augment_options=aug_options, source=cfg["data_source"], num_workers=cfg["num_workers"],
-        download=cfg["download"],
+        download=cfg["download"], shuffle_seed=cfg["seed"],
     )  # fmt: skip
     # Data problems surface here, before a run directory exists.
     dm.prepare_data()
@@ -471,13 +511,16 @@ def run_training(cfg: dict[str, Any], callbacks: list | None = None) -> dict[str
                 module.net.load_state_dict({k[4:]: v for k, v in src["state_dict"].items() if k.startswith("net.")})
             except RuntimeError as e:
                 raise CLIError(f"--init-from {cfg['init_from']}: weights do not fit ({str(e).splitlines()[0]})") from None
-        run_dir = claim_new_run_dir(Path(cfg["log_dir"]))
+        # Under DDP only rank 0 claims a run directory; Lightning broadcasts its checkpoint
+        # folder to the other processes, which write nothing of their own.
+        run_dir = claim_new_run_dir(Path(cfg["log_dir"])) if launch_rank() == 0 else Path(cfg["log_dir"]) / f".rank{launch_rank()}"
     if cfg["channels_last"]:
         module = module.to(memory_format=torch.channels_last)
         module.channels_last = True
 
-    with open(run_dir / "config.yaml", "w") as f:
-        yaml.safe_dump({k: v for k, v in cfg.items() if k != "resume"}, f, sort_keys=False)
+    if launch_rank() == 0:
+        with open(run_dir / "config.yaml", "w") as f:
+            yaml.safe_dump({k: v for k, v in cfg.items() if k != "resume"}, f, sort_keys=False)
 
     has_val = cfg["val_size"] > 0
     # Two callbacks, because Lightning's save_last only refreshes last.ckpt when the monitored
@@ -487,16 +530,26 @@ def run_training(cfg: dict[str, Any], callbacks: list | None = None) -> dict[str
         monitor="val_acc", mode="max", auto_insert_metric_name=False,
     ) if has_val else None  # fmt: skip
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, enable_version_counter=False)
+    # Mid-epoch saves to the same last.ckpt, so a kill loses at most this many steps; the run
+    # resumes from that exact step (see data.ResumableLoader and the module's RNG state).
+    every = cfg["checkpoint_every_steps"]
+    steps = StepCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="last", monitor=None, enable_version_counter=False,
+        every_n_train_steps=every, save_on_train_epoch_end=False,
+    ) if every else None  # fmt: skip
+    stop = StopOnSignal(last)
+    for stale in (run_dir / "checkpoints").glob(".*.tmp-*"):  # left by a run killed mid-write
+        stale.unlink(missing_ok=True)
     progress = cfg["progress_bar"] if cfg["progress_bar"] is not None else sys.stderr.isatty()
     logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=run_dir.name, default_hp_metric=False)
     try:
         trainer = L.Trainer(
             max_epochs=cfg["epochs"], accelerator=cfg["accelerator"], devices=cfg["devices"],
             precision=resolve_precision(cfg["precision"], cfg["accelerator"]), deterministic=cfg["deterministic"],
-            max_time=parse_max_time(cfg["max_time"]),
-            logger=logger,
+            max_time=parse_max_time(cfg["max_time"]), strategy=cfg["strategy"], num_nodes=cfg["num_nodes"],
+            logger=logger, plugins=[AtomicCheckpointIO()],
             callbacks=[
-                *([best] if best else []), last, LearningRateMonitor("epoch"), EpochReport(),
+                *([best] if best else []), last, *([steps] if steps else []), stop, LearningRateMonitor("epoch"), EpochReport(),
                 TensorBoardImages(classes, every_n_epochs=cfg["log_images_every"]),
                 *([Lookahead()] if cfg["lookahead"] else []), *(callbacks or []),
             ],
@@ -508,7 +561,19 @@ def run_training(cfg: dict[str, Any], callbacks: list | None = None) -> dict[str
         if not resume_ckpt:  # a new run that never started: leave no empty run directory behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    except SIGTERMException:
+        name = stop.signal_name or "SIGTERM"
+        where = f"at epoch {trainer.current_epoch + 1}, step {trainer.global_step}"
+        code = 128 + int(getattr(signal, name))
+        if stop.saved:
+            hint = f"saved {stop.saved}; resume with: cifar-train --resume {stop.saved}"
+            raise RunInterruptedError(f"stopped by {name} {where}; {hint}", code) from None
+        raise RunInterruptedError(f"stopped by {name} {where}", code) from None
+    except NonFiniteLossError as e:
+        kept = last.last_model_path or (steps.last_model_path if steps else "")
+        raise TrainingFailedError(f"{e}; stopped{f', the last good checkpoint is {kept}' if kept else ''}") from None
     if trainer.interrupted:
         raise CLIError(f"training interrupted; resume with: cifar-train --resume {run_dir / 'checkpoints' / 'last.ckpt'}")
 
@@ -538,7 +603,7 @@ def run_training(cfg: dict[str, Any], callbacks: list | None = None) -> dict[str
             final["hp/best_val_acc"] = results["best_val_acc"]
         logger.log_hyperparams(hparams, final)
         logger.finalize("success")
-    return results
+    return {**results, "global_rank": trainer.global_rank}
 
 
 def print_summary(r: dict[str, Any]) -> None:
@@ -564,7 +629,9 @@ def train_main(argv: list[str] | None = None) -> int:
     """Entry point of cifar-train."""
 
     def body() -> int:
-        print_summary(run_training(resolve_train_config(argv)))
+        results = run_training(resolve_train_config(argv))
+        if results["global_rank"] == 0:
+            print_summary(results)
         return 0
 
     return _guarded("cifar-train", body)
@@ -660,6 +727,8 @@ def run_evaluation(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 
     if args.out:
         out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"--out {out}: exists and is not a folder")
         if out.exists() and any(out.iterdir()) and not args.overwrite:
             raise CLIError(f"--out {out}: exists and is not empty; pass --overwrite or choose another folder")
     else:
@@ -721,8 +790,17 @@ def _guarded(prog: str, body: Any) -> int:
         return body()
     except _cli_errors() as e:
         return _fail(prog, str(e), 2)
+    except RunInterruptedError as e:
+        return _fail(prog, str(e), e.code)
+    except TrainingFailedError as e:
+        return _fail(prog, str(e), 1)
     except KeyboardInterrupt:
         return _fail(prog, "interrupted", 130)
+    except OSError as e:
+        # A full disk, an unwritable folder: say which file; checkpoints are written atomically,
+        # so the ones already there are intact.
+        where = f" {e.filename}" if e.filename else ""
+        return _fail(prog, f"cannot write or read{where}: {e.strerror or e} (files written before are intact)", 1)
     except Exception as e:
         if os.environ.get("CIFAR_LIGHTNING_DEBUG"):
             raise

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -67,6 +67,59 @@ class TensorImages(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self.images[idx], self.labels[idx]
+
+
+class EpochShuffle(RandomSampler):
+    """A shuffle that is a function of (seed, epoch) alone, never of the global RNG: a run resumed
+    mid-epoch draws the same permutation again and can skip what it already trained on.
+    Lightning calls ``set_epoch`` at every epoch start; under DDP it sees a RandomSampler and
+    puts a (seeded, epoch-aware) DistributedSampler in its place."""
+
+    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints mid-epoch: ``state_dict`` records how many
+    batches of the current epoch the run has trained on, and after ``load_state_dict`` (which
+    Lightning calls only when resuming mid-epoch) the next iteration skips them, so a resumed
+    run trains on exactly the batches an unbroken run would.
+
+    ``progress`` reports (epoch, batches trained this epoch) from the trainer's loop: the loader
+    alone cannot tell a batch that was trained on from one Lightning merely prefetched. The
+    epoch travels too because Lightning creates the resumed iterator before it sets the
+    sampler's epoch.
+    """
+
+    progress: Callable[[], tuple[int, int]] | None = None
+    _skip = 0
+
+    def __iter__(self) -> Iterator:
+        skip, self._skip = self._skip, 0
+        it = super().__iter__()
+        # Single-process loading: advance the batch sampler alone, fetching no images.
+        sampler_iter = getattr(it, "_sampler_iter", None) if self.num_workers == 0 else None
+        for _ in range(skip):
+            next(sampler_iter if sampler_iter is not None else it, None)
+        return it
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, trained = self.progress() if self.progress else (0, 0)
+        return {"epoch": int(epoch), "batches_trained": int(trained)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state.get("batches_trained", 0))
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch) and "epoch" in state:
+            set_epoch(int(state["epoch"]))
 
 
 def batch_collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,6 +355,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         eval_batch_size: int = 500,
         download: bool = True,
         cache_dir: str | None = None,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
         from cifar_lightning.augment import BatchAugment
@@ -366,19 +420,47 @@ class CIFAR10DataModule(L.LightningDataModule):
     def _loader(self, ds: TensorImages | None, batch_size: int, shuffle: bool) -> DataLoader:
         if ds is None or len(ds) == 0:
             raise DataError("no images for this split (check --val-size / --limit-train-images)")
-        return DataLoader(
-            ds, batch_size=batch_size, shuffle=shuffle, collate_fn=batch_collate,
+        # A private generator: creating an iterator must not draw from the global RNG, which
+        # drives augmentation and dropout, or a resumed run would drift from an unbroken one.
+        return ResumableLoader(
+            ds, batch_size=batch_size, collate_fn=batch_collate, generator=torch.Generator().manual_seed(0),
+            sampler=EpochShuffle(ds, self.hparams.shuffle_seed) if shuffle else None,
             num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        loader = self._loader(self.train_set, self.batch_size, shuffle=True)
+        loader.progress = self._training_progress
+        return loader
+
+    def _training_progress(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained on), read when a checkpoint is saved."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+    def _eval_loader(self, ds: TensorImages | None) -> DataLoader:
+        loader = self._loader(ds, self.eval_batch_size, shuffle=False)
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads the last shard with repeated images,
+            # which would count some images twice in val/test metrics: give each process a
+            # disjoint share of every image, exactly once (shares may differ by one).
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(ds, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+            loader = ResumableLoader(
+                ds, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=batch_collate,
+                generator=torch.Generator().manual_seed(0), num_workers=self.hparams.num_workers,
+            )  # fmt: skip
+        return loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

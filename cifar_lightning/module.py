@@ -7,6 +7,7 @@ rebuilds its network from ``checkpoint["hyper_parameters"]`` alone and loads wit
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cifar_lightning import models
 
@@ -22,6 +24,10 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle", "triangle")
 #: test-time augmentation levels: 0 none, 1 + mirror, 2 + mirror and 1-px translations (6 views)
 TTA_LEVELS = (0, 1, 2)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the run stops with the last good checkpoint."""
 
 
 class ImageClassifier(L.LightningModule):
@@ -64,6 +70,10 @@ class ImageClassifier(L.LightningModule):
         self.train_acc = metric(num_classes, average="micro")
         self.val_acc = metric(num_classes, average="micro")
         self.test_acc = metric(num_classes, average="micro")
+        # Mean losses weighted by images, synced as sums: under DDP with uneven shards the
+        # epoch value still equals the single-process one (a mean of per-process means would not).
+        self.val_loss = torchmetrics.MeanMetric()
+        self.test_loss = torchmetrics.MeanMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -82,10 +92,25 @@ class ImageClassifier(L.LightningModule):
         images = dm.train_set.images[: self.hparams.whitening_images]
         init(normalize(images).to(self.device))
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
         # The whitening bias trains for the first few epochs only, then stays fixed (airbench).
+        # Per batch, not per epoch: a run resumed mid-epoch gets no epoch-start hook.
         if self.hparams.whiten_bias_epochs and hasattr(self.net, "whiten"):
             self.net.whiten.bias.requires_grad_(self.current_epoch < self.hparams.whiten_bias_epochs)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The global RNG drives augmentation and dropout: saved with every checkpoint, so a run
+        # resumed from any step draws exactly what an unbroken run would have drawn.
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng_state") or {}
+        if isinstance(rng.get("torch"), torch.Tensor):
+            torch.set_rng_state(rng["torch"].cpu())
+        if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([t.cpu() for t in rng["cuda"]])
 
     def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits averaged over test-time views (``tta``): the image and its mirror, then
@@ -109,6 +134,12 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            # Stop before the optimiser writes non-finite weights: the last checkpoint stays good.
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch + 1}, "
+                f"batch {batch_idx + 1}); lower --lr or check the data"
+            )
         self.train_acc(logits, y)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train_acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
@@ -118,10 +149,10 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self.tta_logits(x) if stage == "test" else self(x)
         loss = F.cross_entropy(logits, y)  # plain CE: comparable across label-smoothing settings
-        acc = self.val_acc if stage == "val" else self.test_acc
+        acc, mean_loss = (self.val_acc, self.val_loss) if stage == "val" else (self.test_acc, self.test_loss)
         acc(logits, y)
-        # sync_dist: under DDP the logged epoch value is the mean over all processes.
-        self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
+        mean_loss.update(loss, weight=len(y))
+        self.log(f"{stage}_loss", mean_loss, prog_bar=True)
         self.log(f"{stage}_acc", acc, prog_bar=True)
         return logits.detach()  # callbacks (e.g. TensorBoardImages) read predictions from here
 
@@ -223,3 +254,31 @@ def classifier_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> I
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: weights do not fit the network it names ({str(e).splitlines()[0]})") from None
     return module
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that a kill or a full disk can never leave half-done.
+
+    Lightning already writes through an fsspec transaction, but its temporary file lives in the
+    system temp dir: across file systems the final move is a copy, which a kill can cut short.
+    Here the bytes go to a hidden temporary file beside the target, are flushed to disk, and
+    only then replace the target with ``os.replace`` (atomic on POSIX and Windows); on any
+    error the temporary file is removed and the previous checkpoint is untouched.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: object = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

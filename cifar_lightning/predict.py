@@ -232,6 +232,12 @@ def load_classifier(path: str | Path, device: str = "cpu") -> Classifier:
         meta = read_sidecar(path, required=False)
         net = OnnxNetwork(path)
         names = meta.get("class_names") or CLASSES
+        try:
+            out = net(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+        except Exception as e:  # onnxruntime's own error types
+            raise ModelError(f"{path}: the ONNX model does not run on a 1 x 3 x 32 x 32 batch ({str(e).splitlines()[0][:200]})") from None
+        if tuple(out.shape) != (1, len(names)):
+            raise ModelError(f"{path}: an ONNX model of another kind (gives {tuple(out.shape)} outputs, not 1 x {len(names)} class scores)")
         return Classifier(net, names, meta.get("mean", MEAN), meta.get("std", STD), "cpu", str(path))
     if suffix in (".ckpt", ".pt", ".pth"):
         from cifar_lightning.module import CheckpointError, classifier_from_checkpoint, load_checkpoint

@@ -1,0 +1,260 @@
+"""A corpus of bad inputs across cifar-train, cifar-evaluate, cifar-export, cifar-predict and the
+Python API. Each must give one clear line naming the file or flag, the documented exit status
+(2: unusable input or flag; predict: 1 when some inputs failed), no traceback, and leave no
+partial output behind."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import call, train_tiny_run
+from PIL import Image
+
+from cifar_lightning import load_classifier
+from cifar_lightning.cli import evaluate_main, export_main, predict_main, train_main
+from cifar_lightning.data import CLASSES
+
+
+class _Marker:
+    """Unpickling this would create a file: the payload of a malicious checkpoint."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Good and bad files, made once: a trained seed checkpoint, a fast one, broken trees,
+    broken images and checkpoints, a foreign ONNX model."""
+    root = tmp_path_factory.mktemp("bad")
+    tree, run = train_tiny_run(root / "seed", "--log-images-every", "0")
+    _, fast_run = train_tiny_run(root / "fast", "--preset", "94", "--widths", "8,16,16", "--tta", "0")
+    w: dict[str, Path] = {"root": root, "tree": tree, "ckpt": run / "checkpoints" / "last.ckpt",
+                          "fast_ckpt": fast_run / "checkpoints" / "last.ckpt"}  # fmt: skip
+
+    def tree_copy(name: str) -> Path:
+        return Path(shutil.copytree(tree, root / name))
+
+    w["empty_dir"] = root / "empty"
+    w["empty_dir"].mkdir()
+    t = tree_copy("missing_class")
+    shutil.rmtree(t / "train" / "cat")
+    w["missing_class"] = t
+    t = tree_copy("empty_class")
+    for f in (t / "train" / "dog").iterdir():
+        f.unlink()
+    w["empty_class"] = t
+    t = tree_copy("renamed_class")
+    (t / "test" / "frog").rename(t / "test" / "toad")
+    w["mismatched_classes"] = t
+    t = tree_copy("truncated_image")
+    victim = next((t / "train" / "bird").iterdir())
+    victim.write_bytes(victim.read_bytes()[:60])
+    w["truncated_image_tree"], w["truncated_image"] = t, victim
+    t = tree_copy("zero_byte_image")
+    victim = next((t / "test" / "ship").iterdir())
+    victim.write_bytes(b"")
+    w["zero_byte_tree"], w["zero_byte_image"] = t, victim
+    t = tree_copy("text_as_png")
+    victim = next((t / "train" / "horse").iterdir())
+    victim.write_text("this is not an image")
+    w["text_png_tree"], w["text_png"] = t, victim
+
+    w["truncated_ckpt"] = root / "truncated.ckpt"
+    w["truncated_ckpt"].write_bytes(w["ckpt"].read_bytes()[:3000])
+    w["random_ckpt"] = root / "random.ckpt"
+    w["random_ckpt"].write_bytes(np.random.default_rng(0).bytes(5000))
+    w["marker"] = root / "PWNED"
+    w["evil_ckpt"] = root / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": "seed"}, "x": _Marker(str(w["marker"]))}, w["evil_ckpt"])
+    w["plain_pickle"] = root / "plain.ckpt"
+    w["plain_pickle"].write_bytes(pickle.dumps({"hello": "world"}))
+
+    foreign = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5)).eval()
+    w["foreign_onnx"] = root / "foreign.onnx"
+    torch.onnx.export(foreign, (torch.randn(1, 3, 32, 32),), str(w["foreign_onnx"]), dynamo=False)
+    other_input = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 10)).eval()
+    w["other_input_onnx"] = root / "other_input.onnx"
+    torch.onnx.export(other_input, (torch.randn(1, 3, 64, 64),), str(w["other_input_onnx"]), dynamo=False)
+    w["random_onnx"] = root / "random.onnx"
+    w["random_onnx"].write_bytes(np.random.default_rng(1).bytes(3000))
+    w["a_file"] = root / "a_file"
+    w["a_file"].write_text("a file, not a folder")
+    w["bad_yaml"] = root / "bad.yaml"
+    w["bad_yaml"].write_text("epochs: [1, 2\n")
+    w["good_image"] = next((tree / "test" / "cat").iterdir())
+    return w
+
+
+@dataclass
+class Case:
+    name: str
+    main: Callable[[list[str]], int]
+    argv: Callable[[dict[str, Path], Path], list[str]]
+    code: int
+    says: Callable[[dict[str, Path]], str]  # text the error line must contain (the file or flag)
+
+
+def train(*extra: str) -> Callable[[dict[str, Path], Path], list[str]]:
+    def argv(w: dict[str, Path], out: Path) -> list[str]:
+        return ["--log-dir", str(out / "logs"), "--accelerator", "cpu", "--no-progress-bar", "--preset", "seed", "--epochs", "1",
+                "--val-size", "20",
+                *[str(w[e[1:]]) if e.startswith("@") else e for e in extra]]  # fmt: skip
+
+    return argv
+
+
+def args(*items: str) -> Callable[[dict[str, Path], Path], list[str]]:
+    """'@key' is a file of the corpus; '%name' a path in the case's own output folder."""
+
+    def argv(w: dict[str, Path], out: Path) -> list[str]:
+        return [str(w[i[1:]]) if i.startswith("@") else str(out / i[1:]) if i.startswith("%") else i for i in items]
+
+    return argv
+
+
+def path_of(key: str) -> Callable[[dict[str, Path]], str]:
+    return lambda w: str(w[key])
+
+
+def text(s: str) -> Callable[[dict[str, Path]], str]:
+    return lambda w: s
+
+
+CASES = [
+    # cifar-train: data
+    Case("train: data dir missing", train_main, train("--data-dir", "/no/such/cifar"), 2, text("/no/such/cifar")),
+    Case("train: data dir empty", train_main, train("--data-dir", "@empty_dir", "--no-download"), 2, path_of("empty_dir")),
+    Case("train: a class missing from train", train_main, train("--data-dir", "@missing_class"), 2, path_of("missing_class")),
+    Case("train: a class with no images", train_main, train("--data-dir", "@empty_class"), 2, text("dog")),
+    Case("train: train and test classes differ", train_main, train("--data-dir", "@mismatched_classes"), 2, text("toad")),
+    Case("train: truncated PNG", train_main, train("--data-dir", "@truncated_image_tree"), 2, path_of("truncated_image")),
+    Case("train: zero-byte image", train_main, train("--data-dir", "@zero_byte_tree"), 2, path_of("zero_byte_image")),
+    Case("train: text file named .png", train_main, train("--data-dir", "@text_png_tree"), 2, path_of("text_png")),
+    # cifar-train: flags and checkpoints
+    Case("train: negative epochs", train_main, train("--data-dir", "@tree", "--epochs", "-3"), 2, text("--epochs")),
+    Case("train: batch size 0", train_main, train("--data-dir", "@tree", "--batch-size", "0"), 2, text("--batch-size")),
+    Case("train: unknown model", train_main, train("--data-dir", "@tree", "--model", "resnet9000"), 2, text("resnet9000")),
+    Case("train: unknown augmentation", train_main, train("--data-dir", "@tree", "--augment", "mixup"), 2, text("--augment")),
+    Case("train: learning rate nan", train_main, train("--data-dir", "@tree", "--lr", "nan"), 2, text("--lr")),
+    Case("train: malformed --config", train_main, train("--data-dir", "@tree", "--config", "@bad_yaml"), 2, path_of("bad_yaml")),
+    Case("train: --resume random bytes", train_main, train("--data-dir", "@tree", "--resume", "@random_ckpt"), 2, path_of("random_ckpt")),
+    Case("train: --init-from truncated", train_main, train("--data-dir", "@tree", "--init-from", "@truncated_ckpt"), 2,
+         path_of("truncated_ckpt")),  # fmt: skip
+    Case("train: --init-from another network", train_main, train("--data-dir", "@tree", "--model", "seed", "--init-from", "@fast_ckpt"),
+         2, path_of("fast_ckpt")),  # fmt: skip
+    Case("train: --init-from malicious pickle", train_main, train("--data-dir", "@tree", "--init-from", "@evil_ckpt"), 2,
+         path_of("evil_ckpt")),  # fmt: skip
+    Case("train: --resume malicious pickle", train_main, train("--data-dir", "@tree", "--resume", "@evil_ckpt"), 2, path_of("evil_ckpt")),
+    Case("train: log dir under a file", train_main,
+         lambda w, out: [*train("--data-dir", "@tree")(w, out)[2:], "--log-dir", f"{w['a_file']}/x"], 2, text("--log-dir")),  # fmt: skip
+    # cifar-evaluate
+    Case("evaluate: missing checkpoint", evaluate_main, args("/no/such.ckpt"), 2, text("/no/such.ckpt")),
+    Case("evaluate: random-bytes .ckpt", evaluate_main, args("@random_ckpt", "--out", "%report"), 2, path_of("random_ckpt")),
+    Case("evaluate: plain pickle, not a checkpoint", evaluate_main, args("@plain_pickle", "--out", "%report"), 2, path_of("plain_pickle")),
+    Case("evaluate: malicious pickle", evaluate_main, args("@evil_ckpt", "--out", "%report"), 2, path_of("evil_ckpt")),
+    Case("evaluate: data dir missing", evaluate_main, args("@ckpt", "--data-dir", "/no/such/data", "--out", "%report"), 2,
+         text("/no/such/data")),  # fmt: skip
+    Case("evaluate: --out under a file", evaluate_main, args("@ckpt", "--out", "@a_file"), 2, path_of("a_file")),
+    # cifar-export
+    Case("export: truncated checkpoint", export_main, args("@truncated_ckpt", "--format", "onnx", "--out", "%m.onnx"), 2,
+         path_of("truncated_ckpt")),  # fmt: skip
+    Case("export: unknown format", export_main, args("@ckpt", "--format", "tflite", "--out", "%m.tflite"), 2, text("--format")),
+    Case("export: malicious pickle", export_main, args("@evil_ckpt", "--format", "safetensors", "--out", "%m.safetensors"), 2,
+         path_of("evil_ckpt")),  # fmt: skip
+    # cifar-predict
+    Case("predict: ONNX of a 5-class model", predict_main, args("@foreign_onnx", "@good_image"), 2, path_of("foreign_onnx")),
+    Case("predict: ONNX of 64x64 inputs", predict_main, args("@other_input_onnx", "@good_image"), 2, path_of("other_input_onnx")),
+    Case("predict: random-bytes .onnx", predict_main, args("@random_onnx", "@good_image"), 2, path_of("random_onnx")),
+    Case("predict: missing model", predict_main, args("/no/model.ckpt", "@good_image"), 2, text("/no/model.ckpt")),
+    Case("predict: malicious pickle", predict_main, args("@evil_ckpt", "@good_image"), 2, path_of("evil_ckpt")),
+    Case("predict: --top-k 0", predict_main, args("@ckpt", "@good_image", "--top-k", "0"), 2, text("--top-k")),
+    Case("predict: zero-byte image among good ones", predict_main, args("@ckpt", "@good_image", "@zero_byte_image"), 1,
+         path_of("zero_byte_image")),  # fmt: skip
+    Case("predict: missing image among good ones", predict_main, args("@ckpt", "@good_image", "/no/img.png"), 1, text("/no/img.png")),
+]
+
+
+def snapshot(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")} if folder.exists() else set()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gets_one_clear_line_and_leaves_nothing_behind(
+    case: Case, world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    before = snapshot(world["root"])
+    code = call(case.main, case.argv(world, out))
+    captured = capsys.readouterr()
+    err_lines = [line for line in captured.err.splitlines() if line.startswith("cifar-")]
+    assert code == case.code, captured.err[-2000:]
+    assert "Traceback" not in captured.err
+    if case.code == 2:
+        assert err_lines, captured.err[-2000:]
+        assert len(err_lines) == 1, err_lines
+        assert case.says(world) in err_lines[0], err_lines[0]
+        assert snapshot(out) == set(), snapshot(out)  # no run dir, report or export half-made
+    else:  # predict: the failed input is named, on its own line, and the good one is still predicted
+        assert any(case.says(world) in line for line in captured.out.splitlines() + captured.err.splitlines())
+        assert str(world["good_image"]) in captured.out
+    assert not world["marker"].exists()  # the malicious payload never ran
+    assert snapshot(world["root"]) == before  # inputs untouched
+
+
+def test_the_corpus_is_big_enough() -> None:
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [("missing.ckpt", "missing.ckpt"), ("random_ckpt", "random.ckpt"), ("evil_ckpt", "evil.ckpt"), ("foreign_onnx", "foreign.onnx")],
+)
+def test_python_api_raises_one_line_errors_naming_the_file(world: dict[str, Path], source: str, expected: str) -> None:
+    from cifar_lightning.module import CheckpointError
+    from cifar_lightning.predict import ModelError
+
+    path = world.get(source, world["root"] / source)
+    with pytest.raises((ModelError, CheckpointError)) as info:
+        load_classifier(path)
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+    assert not world["marker"].exists()
+
+
+def test_python_api_rejects_arrays_of_the_wrong_shape(world: dict[str, Path]) -> None:
+    clf = load_classifier(world["ckpt"])
+    with pytest.raises(ValueError, match="shape"):
+        clf.predict([np.zeros((5, 5, 7), dtype=np.uint8)])
+    with pytest.raises(ValueError, match="uint8"):
+        clf.predict([np.zeros((5, 5), dtype=np.float64)])
+
+
+def test_odd_image_modes_and_sizes_are_predicted_not_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    files = []
+    for name, img in {
+        "rgba.png": Image.fromarray(rng.integers(0, 256, (40, 60, 4), dtype=np.uint8), "RGBA"),
+        "gray16.png": Image.fromarray(rng.integers(0, 65535, (33, 31), dtype=np.uint16)),
+        "palette.gif": Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).convert("P"),
+        "tiny.bmp": Image.fromarray(rng.integers(0, 256, (1, 1, 3), dtype=np.uint8)),
+        "wide.webp": Image.fromarray(rng.integers(0, 256, (10, 500, 3), dtype=np.uint8)),
+        "cmyk.jpg": Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).convert("CMYK"),
+    }.items():
+        img.save(tmp_path / name)
+        files.append(tmp_path / name)
+    classes, probs = load_classifier(world["ckpt"]).predict(files)
+    assert len(classes) == len(files) and all(c in CLASSES for c in classes)
+    assert torch.allclose(probs.sum(1), torch.ones(len(files)), atol=1e-5)

@@ -1,0 +1,52 @@
+"""Lightning DDP on the CPU (gloo): a two-process run works, and its validation and test metrics
+equal single-process metrics on the same data (no image counted twice by sampler padding)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from conftest import write_imagefolder
+
+from cifar_lightning.data import CLASSES, CIFAR10DataModule
+from cifar_lightning.module import classifier_from_checkpoint, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def single_process_metrics(ckpt: Path, tree: Path, stage: str) -> dict[str, float]:
+    module = classifier_from_checkpoint(load_checkpoint(ckpt), ckpt)
+    dm = CIFAR10DataModule(str(tree), val_size=21, eval_batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    run = trainer.validate if stage == "val" else trainer.test
+    return {k: float(v) for k, v in run(module, datamodule=dm, verbose=False)[0].items()}
+
+
+def test_two_process_ddp_run_reports_the_single_process_metrics(tmp_path: Path) -> None:
+    # 9 classes x 3 test images = 27 and 21 validation images: odd counts, so a padding sampler
+    # would repeat an image on one of the two processes.
+    tree = write_imagefolder(tmp_path / "tree", n_train=8, n_test=3, classes=CLASSES[:9])
+    logs = tmp_path / "logs"
+    env = {**os.environ, "CIFAR_LIGHTNING_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--data-dir", str(tree), "--log-dir", str(logs), "--preset", "seed",
+         "--epochs", "2", "--batch-size", "8", "--val-size", "21", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+         "--no-progress-bar", "--log-images-every", "0"],
+        env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0"]  # one run directory for both processes
+    results = json.loads((logs / "version_0" / "results.json").read_text())
+    tested = Path(results["best_checkpoint"])
+    single = single_process_metrics(tested, tree, "test")
+    assert results["test_acc"] == pytest.approx(single["test_acc"], abs=1e-7)
+    assert results["test_loss"] == pytest.approx(single["test_loss"], abs=1e-5)
+    # The best checkpoint's validation accuracy, logged under DDP, is that of a single process.
+    best_val = load_checkpoint(tested)["callbacks"]
+    score = next(v["best_model_score"] for k, v in best_val.items() if "val_acc" in k and v.get("best_model_score") is not None)
+    assert float(score) == pytest.approx(single_process_metrics(tested, tree, "val")["val_acc"], abs=1e-7)
