@@ -102,7 +102,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": {"model": "seed", "epochs": 20, "batch_size": 64, "optimizer": "adam", "lr": 1e-3, "augment": "none"},
     "90": {**_FAST, "epochs": 6, "widths": [32, 128, 128]},
     "93": {**_FAST, "epochs": 8},
-    "94": {**_FAST, "epochs": 10},
+    "94": {**_FAST, "epochs": 13},
 }
 DEFAULT_PRESET = "94"
 
