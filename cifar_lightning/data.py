@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -417,14 +417,14 @@ class CIFAR10DataModule(L.LightningDataModule):
             test = splits["test"]
             self.test_set = TensorImages(test.images, test.labels)
 
-    def _loader(self, ds: TensorImages | None, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: TensorImages | None, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         if ds is None or len(ds) == 0:
             raise DataError("no images for this split (check --val-size / --limit-train-images)")
         # A private generator: creating an iterator must not draw from the global RNG, which
         # drives augmentation and dropout, or a resumed run would drift from an unbroken one.
         return ResumableLoader(
             ds, batch_size=batch_size, collate_fn=batch_collate, generator=torch.Generator().manual_seed(0),
-            sampler=EpochShuffle(ds, self.hparams.shuffle_seed) if shuffle else None,
+            sampler=EpochShuffle(ds, self.hparams.shuffle_seed) if shuffle else sampler,
             num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
         )  # fmt: skip
 
@@ -441,20 +441,15 @@ class CIFAR10DataModule(L.LightningDataModule):
         return trainer.current_epoch, int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def _eval_loader(self, ds: TensorImages | None) -> DataLoader:
-        loader = self._loader(ds, self.eval_batch_size, shuffle=False)
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
+        trainer, sampler = self.trainer, None
+        if ds is not None and trainer is not None and trainer.world_size > 1:
             # Lightning's default DistributedSampler pads the last shard with repeated images,
             # which would count some images twice in val/test metrics: give each process a
             # disjoint share of every image, exactly once (shares may differ by one).
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
             sampler = UnrepeatedDistributedSampler(ds, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
-            loader = ResumableLoader(
-                ds, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=batch_collate,
-                generator=torch.Generator().manual_seed(0), num_workers=self.hparams.num_workers,
-            )  # fmt: skip
-        return loader
+        return self._loader(ds, self.eval_batch_size, shuffle=False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
