@@ -1,7 +1,29 @@
-"""cifar-lightning: CIFAR-10 classifiers with PyTorch Lightning."""
+"""cifar-lightning: CIFAR-10 classifiers with PyTorch Lightning.
 
-from cifar_lightning.data import CLASSES, MEAN, STD, CIFAR10DataModule
-from cifar_lightning.module import ImageClassifier
-from cifar_lightning.predict import load_classifier
+Names are imported on first use, so that ``cifar-train --help`` loads neither torch nor
+Lightning and predicting with an ONNX export never loads Lightning.
+"""
 
-__all__ = ["CLASSES", "MEAN", "STD", "CIFAR10DataModule", "ImageClassifier", "load_classifier"]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "CLASSES": "cifar_lightning.images",
+    "MEAN": "cifar_lightning.images",
+    "STD": "cifar_lightning.images",
+    "CIFAR10DataModule": "cifar_lightning.data",
+    "ImageClassifier": "cifar_lightning.module",
+    "TrainConfig": "cifar_lightning.recipes",
+    "load_classifier": "cifar_lightning.inference",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'cifar_lightning' has no attribute {name!r}")

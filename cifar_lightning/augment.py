@@ -16,21 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-AUGMENTS = ("none", "seed", "standard")
-
-# Defaults of --augment seed, chosen by refitting the 20-epoch seed model for 10 epochs on the
-# full data with each setting (README, "Choosing the --augment seed ranges"): shift + flip
-# helped most (79.68% -> 80.26% test); adding zoom 0.05, rotation 5 and brightness 0.1 helped
-# less (79.85%); the Keras notebook's rotation 15 / zoom 0.1 is in the same table. The other
-# ops stay available: set their range to turn them on.
-SEED_DEFAULTS: dict[str, float] = {
-    "shift": 0.1,  # max translation, fraction of the image side (0.1 = 3.2 px)
-    "flip": 0.5,  # probability of a horizontal flip
-    "zoom": 0.0,  # scale drawn from [1 - zoom, 1 + zoom]
-    "rotation": 0.0,  # degrees, drawn from [-rotation, rotation]
-    "brightness": 0.0,  # multiply by a factor from [1 - brightness, 1 + brightness]
-}
-STANDARD_DEFAULTS: dict[str, float] = {"crop_padding": 4, "flip": 0.5}
+from cifar_lightning.recipes import AUGMENT_DEFAULTS, AUGMENTS
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -102,7 +88,7 @@ class BatchAugment:
     def __init__(self, mode: str = "none", **options: float) -> None:
         if mode not in AUGMENTS:
             raise ValueError(f"unknown augmentation {mode!r}; choose from {', '.join(AUGMENTS)}")
-        defaults = {"seed": SEED_DEFAULTS, "standard": STANDARD_DEFAULTS}.get(mode, {})
+        defaults = AUGMENT_DEFAULTS[mode]
         unknown = set(options) - set(defaults)
         if unknown:
             raise ValueError(f"--augment {mode} takes no option(s) {', '.join(sorted(unknown))}")

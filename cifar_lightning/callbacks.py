@@ -45,63 +45,97 @@ class EpochReport(L.Callback):
             if key in m:
                 parts.append(f"{key.removesuffix('_epoch')} {float(m[key]):.4f}")
         parts.append(f"{train:.1f} s train + {now - self._start - train:.1f} s val")
+        left = trainer.max_epochs - trainer.current_epoch - 1 if trainer.max_epochs and trainer.max_epochs > 0 else 0
+        if left > 0:
+            parts.append(f"about {_duration(left * sum(self.epoch_seconds) / len(self.epoch_seconds))} left")
         print("  ".join(parts), flush=True)
 
 
+def _duration(seconds: float) -> str:
+    """1h02m, 4m05s, 12s: the remaining-time estimate of the epoch line."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class TensorBoardImages(L.Callback):
-    """Every ``every_n_epochs`` validation epochs, log the confusion-matrix heatmap and a small
-    prediction grid as TensorBoard images, so a run can be watched improving visually."""
+    """The confusion-matrix heatmap and a small prediction grid as TensorBoard images: every
+    ``every_n_epochs`` validation epochs (0: never), and always for the final test, so even a
+    run without a validation split shows what its model gets right and wrong.
+
+    The test images are classified by the module's ``test_step`` with its test-time views,
+    the same ``models.tta_logits`` that evaluation, prediction and exports use."""
 
     def __init__(self, class_names: list[str], every_n_epochs: int = 1, grid: int = 16) -> None:
         self.class_names = list(class_names)
         self.every_n_epochs = every_n_epochs
         self.grid = grid
+        self._reset()
+
+    def _reset(self) -> None:
         self._preds: list = []
         self._labels: list = []
         self._images = None
         self._probs = None
 
-    def _active(self, trainer: L.Trainer) -> bool:
+    def _logging(self, trainer: L.Trainer) -> bool:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        return (
-            self.every_n_epochs > 0 and not trainer.sanity_checking and trainer.is_global_zero
-            and isinstance(trainer.logger, TensorBoardLogger) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        )  # fmt: skip
+        return trainer.is_global_zero and not trainer.sanity_checking and isinstance(trainer.logger, TensorBoardLogger)
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._preds, self._labels, self._images, self._probs = [], [], None, None
+    def _val_active(self, trainer: L.Trainer) -> bool:
+        return self.every_n_epochs > 0 and self._logging(trainer) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
-        if not self._active(trainer):
-            return
+    def _collect(self, outputs, batch) -> None:  # noqa: ANN001
+        from cifar_lightning.images import denormalize
+
         x, y = batch
-        probs = outputs.softmax(-1).float().cpu()  # validation_step returns the logits
+        probs = outputs.softmax(-1).float().cpu()  # the eval steps return logits
         self._preds.append(probs.argmax(-1))
         self._labels.append(y.cpu())
         if self._images is None:
-            from cifar_lightning.data import denormalize
-
             self._images = denormalize(x[: self.grid].float().cpu())
             self._probs = probs[: self.grid]
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._active(trainer) or not self._preds:
-            return
+    def _log(self, trainer: L.Trainer, stage: str, step: int, title: str) -> None:
         import torch
         from torchmetrics.functional.classification import multiclass_confusion_matrix
 
         from cifar_lightning import report
 
+        if not self._preds:
+            return
         preds, labels = torch.cat(self._preds), torch.cat(self._labels)
         cm = multiclass_confusion_matrix(preds, labels, num_classes=len(self.class_names))
         writer = trainer.logger.experiment
-        step = trainer.current_epoch
-        writer.add_figure("val/confusion", report.confusion_figure(cm.numpy(), self.class_names), step)
+        writer.add_figure(f"{stage}/confusion", report.confusion_figure(cm.numpy(), self.class_names), step)
         n = len(self._probs)
-        grid = report.prediction_grid(self._images, labels[:n], self._probs, self.class_names, title=f"epoch {step + 1}")
-        writer.add_figure("val/predictions", grid, step)
-        self._preds, self._labels = [], []
+        grid = report.prediction_grid(self._images, labels[:n], self._probs, self.class_names, title=title)
+        writer.add_figure(f"{stage}/predictions", grid, step)
+        self._reset()
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        if self._val_active(trainer):
+            self._collect(outputs, batch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._val_active(trainer):
+            self._log(trainer, "val", trainer.current_epoch, f"epoch {trainer.current_epoch + 1}")
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        if self._logging(trainer):
+            self._collect(outputs, batch)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._logging(trainer):
+            self._log(trainer, "test", trainer.current_epoch, "test set (final model)")
 
 
 class Lookahead(L.Callback):
@@ -175,7 +209,13 @@ class StopOnSignal(L.Callback):
                 raise KeyboardInterrupt
             self.signal_name = "SIGINT"
             print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)", flush=True)
-            trainer._signal_connector.received_sigterm = True
+            # Route it to whatever handles SIGTERM now (Lightning's handler, registered at fit
+            # start): training then stops at the next step boundary, as for a SIGTERM.
+            on_sigterm = signal.getsignal(signal.SIGTERM)
+            if callable(on_sigterm):
+                on_sigterm(signal.SIGTERM, frame)
+            else:
+                raise KeyboardInterrupt
 
         self._previous = signal.signal(signal.SIGINT, on_sigint)
 
@@ -208,6 +248,6 @@ class StepCheckpoint(ModelCheckpoint):
     epoch-end checkpoint comes moments later anyway, after validation."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        if batch_idx + 1 >= trainer.num_training_batches:
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

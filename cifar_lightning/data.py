@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,21 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-CLASSES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
-# Per-channel statistics of the 50,000 CIFAR-10 training images (pixel values in [0, 1]).
-MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
-STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
-IMAGE_SIZE = 32
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-SOURCES = ("auto", "imagefolder", "cifar10")
-CACHE_VERSION = 1
+from cifar_lightning.checkpoint import atomic_write
+from cifar_lightning.errors import DataError, ImageError
+from cifar_lightning.images import CLASSES, IMAGE_SIZE, IMAGE_SUFFIXES, is_image_file, load_image, normalize
+from cifar_lightning.recipes import DATA_SOURCES
 
-
-class DataError(ValueError):
-    """A data problem the user can fix (missing dir, bad image, failed download)."""
+SOURCES = DATA_SOURCES
+# 2: image files decode by the one policy of images.py (centre crop + Lanczos, not a squash).
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -93,27 +86,28 @@ class ResumableLoader(DataLoader):
     Lightning calls only when resuming mid-epoch) the next iteration skips them, so a resumed
     run trains on exactly the batches an unbroken run would.
 
-    ``progress`` reports (epoch, batches trained this epoch) from the trainer's loop: the loader
-    alone cannot tell a batch that was trained on from one Lightning merely prefetched. The
-    epoch travels too because Lightning creates the resumed iterator before it sets the
-    sampler's epoch.
+    ``batches_trained`` is counted by the data module as each batch reaches the device for a
+    training step (the loader alone cannot tell a trained batch from one Lightning merely
+    prefetched). The epoch travels too because Lightning creates the resumed iterator before it
+    sets the sampler's epoch.
     """
 
-    progress: Callable[[], tuple[int, int]] | None = None
+    batches_trained = 0
+    epoch = 0
     _skip = 0
 
     def __iter__(self) -> Iterator:
         skip, self._skip = self._skip, 0
+        self.batches_trained = skip
         it = super().__iter__()
-        # Single-process loading: advance the batch sampler alone, fetching no images.
-        sampler_iter = getattr(it, "_sampler_iter", None) if self.num_workers == 0 else None
+        # Skipped batches are sliced from in-memory tensors and dropped: cheap, and the same
+        # indices an unbroken run drew (the shuffle is a function of seed and epoch alone).
         for _ in range(skip):
-            next(sampler_iter if sampler_iter is not None else it, None)
+            next(it, None)
         return it
 
     def state_dict(self) -> dict[str, int]:
-        epoch, trained = self.progress() if self.progress else (0, 0)
-        return {"epoch": int(epoch), "batches_trained": int(trained)}
+        return {"epoch": int(self.epoch), "batches_trained": int(self.batches_trained)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._skip = int(state.get("batches_trained", 0))
@@ -125,21 +119,6 @@ class ResumableLoader(DataLoader):
 def batch_collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Collate for ``TensorImages``: the batch is already stacked."""
     return batch
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 or [0, 1] float images -> float tensor normalised with the CIFAR-10 train stats."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``normalize``: back to uint8 images (for figures of what the network saw)."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -158,10 +137,7 @@ def _class_dirs(split_dir: Path) -> list[Path]:
 
 
 def _image_files(class_dir: Path) -> list[Path]:
-    return sorted(
-        p for p in class_dir.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
-    )  # fmt: skip
+    return sorted(p for p in class_dir.rglob("*") if is_image_file(p))
 
 
 def imagefolder_listing(data_dir: Path) -> dict[str, list[tuple[str, list[Path]]]]:
@@ -191,19 +167,12 @@ def imagefolder_listing(data_dir: Path) -> dict[str, list[tuple[str, list[Path]]
     return listing
 
 
-def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Any PIL-readable file -> (3, size, size) uint8 RGB; other sizes are resized (bilinear)."""
-    from PIL import Image, UnidentifiedImageError
-
+def decode_image(path: Path) -> np.ndarray:
+    """Any image file -> (3, 32, 32) uint8 RGB by the one decode policy (``images.to_rgb32``)."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
-    return arr.transpose(2, 0, 1)
+        return load_image(path).transpose(2, 0, 1)
+    except ImageError as e:
+        raise DataError(f"{path}: not a readable image ({str(e).removeprefix(f'{path}: ')})") from None
 
 
 def decode_listing(entries: list[tuple[str, list[Path]]]) -> Images:
@@ -269,10 +238,7 @@ def _write_cache(path: Path, fingerprint: str, splits: dict[str, Images]) -> boo
         blob[f"{split}_images"] = d.images
         blob[f"{split}_labels"] = d.labels
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(blob, tmp))
         return True
     except OSError:
         return False
@@ -292,13 +258,10 @@ def load_imagefolder(data_dir: Path, cache_dir: Path | None = None) -> dict[str,
 
 
 def download_cifar10(data_dir: Path) -> None:
-    """torchvision's download into data_dir with its MD5 checks; one clear error offline."""
+    """torchvision's download into data_dir with its MD5 checks (nothing is fetched when the
+    files are there and intact); one clear error offline."""
     from torchvision.datasets import CIFAR10
 
-    probe = CIFAR10.__new__(CIFAR10)
-    probe.root = str(data_dir)
-    if probe._check_integrity():
-        return
     try:
         CIFAR10(str(data_dir), train=True, download=True)
     except Exception as e:  # URLError, HTTPError, socket timeouts, a bad checksum...
@@ -379,6 +342,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.train_set: TensorImages | None = None
         self.val_set: TensorImages | None = None
         self.test_set: TensorImages | None = None
+        self._train_loader: ResumableLoader | None = None
 
     @property
     def source(self) -> str:
@@ -429,16 +393,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader(self.train_set, self.batch_size, shuffle=True)
-        loader.progress = self._training_progress
-        return loader
-
-    def _training_progress(self) -> tuple[int, int]:
-        """(epoch, batches of it already trained on), read when a checkpoint is saved."""
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 0
-        return trainer.current_epoch, int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        self._train_loader = self._loader(self.train_set, self.batch_size, shuffle=True)
+        return self._train_loader
 
     def _eval_loader(self, ds: TensorImages | None) -> DataLoader:
         trainer, sampler = self.trainer, None
@@ -464,6 +420,10 @@ class CIFAR10DataModule(L.LightningDataModule):
         """uint8 on the device -> (augmented, only while training) normalised float."""
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
+        if training and self._train_loader is not None:
+            # This batch is about to be trained on: what a mid-epoch checkpoint must skip.
+            self._train_loader.batches_trained += 1
+            self._train_loader.epoch = getattr(self.trainer, "current_epoch", 0)
         if training and self.augmenter.active:
             images = self.augmenter(images)
         return normalize(images), labels

@@ -1,49 +1,41 @@
 """Checkpoint -> safetensors (+ JSON sidecar), ONNX or TorchScript, each checked after writing.
 
 An export carries everything needed to use the network without the training code's state: the
-network name and arguments, class names, normalisation, input size, the test accuracy known at
-export time and the source checkpoint's SHA-256 (in the JSON sidecar written beside every
-format). Loading a safetensors or ONNX export never unpickles anything.
+network name and arguments, class names, normalisation, input size, its test-time augmentation,
+the test accuracy of exactly what was exported and the source checkpoint's SHA-256 (in the JSON
+sidecar written beside every format). ONNX and TorchScript graphs have the checkpoint's
+test-time views built in (``--tta 0`` exports the plain network); the safetensors sidecar
+records the level and ``load_classifier`` applies it. Loading a safetensors or ONNX export
+never unpickles anything.
 
-    cifar-export lightning_logs/version_0/checkpoints/last.ckpt --format onnx --out seed.onnx
+    cifar-export lightning_logs/version_0/checkpoints/last.ckpt --format onnx --out model.onnx
+
+torch is imported inside the functions, so ``cifar-export --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from cifar_lightning.checkpoint import SIDECAR_FORMAT, atomic_write, atomic_write_text, run_dir_of, sha256_of, sidecar_path
+from cifar_lightning.errors import ExportError
 
-from cifar_lightning import predict
-from cifar_lightning.data import IMAGE_SIZE, MEAN, STD
-from cifar_lightning.module import ImageClassifier
-from cifar_lightning.predict import SIDECAR_FORMAT, sidecar_path
+if TYPE_CHECKING:
+    import torch
+
+    from cifar_lightning.module import ImageClassifier
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 
 
-class ExportError(ValueError):
-    """An export that cannot be written or does not reproduce the checkpoint."""
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def known_test_accuracy(ckpt_path: Path) -> float | None:
     """The run's test accuracy from results.json, when this checkpoint is the one it tested."""
-    results = ckpt_path.parent.parent / "results.json"
+    run = run_dir_of(ckpt_path)
     try:
-        r = json.loads(results.read_text())
+        r = json.loads((run / "results.json").read_text()) if run else {}
         if Path(r["best_checkpoint"]).name == ckpt_path.name:
             return float(r["test_acc"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -51,11 +43,16 @@ def known_test_accuracy(ckpt_path: Path) -> float | None:
     return None
 
 
-def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str) -> dict[str, Any]:
+def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int) -> dict[str, Any]:
+    from cifar_lightning.images import IMAGE_SIZE, MEAN, STD
+
     hp = module.hparams
+    # The run's test accuracy was measured with the checkpoint's own views: it describes this
+    # export only when the export keeps them (cifar-evaluate measures any export directly).
+    accuracy = known_test_accuracy(ckpt_path) if tta == hp.tta else None
     return {
         "format": SIDECAR_FORMAT,
-        "version": 1,
+        "version": 2,
         "file_format": fmt,
         "model": hp.model,
         "model_args": {"num_classes": int(hp.num_classes), **(hp.model_args or {})},
@@ -65,34 +62,29 @@ def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str) -> dict[str, An
         "input_size": [3, IMAGE_SIZE, IMAGE_SIZE],
         "input": "float32 NCHW, RGB in [0, 1] normalised with mean/std",
         "output": "logits (softmax gives probabilities)",
-        "test_accuracy": known_test_accuracy(ckpt_path),
+        "tta": tta,
+        "tta_in_graph": fmt != "safetensors" and tta > 0,
+        "test_accuracy": accuracy,
         "source_checkpoint": str(ckpt_path),
         "source_sha256": sha256_of(ckpt_path),
     }
 
 
-def _write_checked(out: Path, write: Any, check: Any) -> Any:
-    """write(tmp); result = check(tmp); rename tmp over out. A failed write or check never leaves
-    a partial or wrong file at ``out``, nor replaces one that was there."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
-    try:
-        write(tmp)
-        result = check(tmp)
-        os.replace(tmp, out)
-        return result
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_images: torch.Tensor) -> dict[str, Any]:
+def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_images: torch.Tensor,
+           tta: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Write ``out`` and its JSON sidecar, after checking the written file against the PyTorch
-    network on ``check_images`` (normalised floats). Returns the check's figures."""
+    network (with the same test-time views) on ``check_images`` (normalised floats). Returns
+    the check's figures. ``tta`` defaults to the checkpoint's own level."""
+    import torch
+
+    from cifar_lightning import models
+
     if fmt not in FORMATS:
         raise ExportError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
+    level = module.hparams.tta if tta is None else tta
     net = module.net.eval().to(memory_format=torch.contiguous_format)
-    meta = metadata(module, ckpt_path, fmt)
+    reference = models.with_tta(net, level).eval()
+    meta = metadata(module, ckpt_path, fmt, level)
     example = check_images[:2].contiguous()
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -100,24 +92,28 @@ def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_
         tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
         write = lambda p: save_file(tensors, str(p), metadata={"format": "pt"})  # noqa: E731
     elif fmt == "onnx":
-        write = lambda p: _write_onnx(net, example, p)  # noqa: E731
+        write = lambda p: _write_onnx(reference, example, p)  # noqa: E731
     else:
-        write = lambda p: _write_torchscript(net, example, p)  # noqa: E731
-    check = _write_checked(out, write, lambda p: verify(p, fmt, meta, net, check_images))
+        write = lambda p: _write_torchscript(reference, example, p)  # noqa: E731
+    check = atomic_write(out, write, lambda p: verify(p, fmt, meta, reference, check_images))
     meta["check"] = check
-    _write_checked(sidecar_path(out), lambda p: p.write_text(json.dumps(meta, indent=2)), lambda p: None)
+    atomic_write_text(sidecar_path(out), json.dumps(meta, indent=2))
     return check
 
 
 def _write_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """Traced (the networks have no data-dependent control flow). TorchScript is deprecated in
     torch 2.14 in favour of torch.export, but still what C++/mobile deployments load."""
+    import torch
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
         torch.jit.save(torch.jit.trace(net, example), str(path))
 
 
 def _write_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    import torch
+
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.onnx.export(
         net, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
@@ -126,18 +122,22 @@ def _write_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None
     program.save(str(path))
 
 
-def verify(path: Path, fmt: str, meta: dict, net: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
+def verify(path: Path, fmt: str, meta: dict, reference: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
     """Max |logit difference| and top-1 agreement between the written file and the network."""
+    import torch
+
+    from cifar_lightning import inference, models
+
     with torch.inference_mode():
-        expected = net(images)
+        expected = reference(images)
         if fmt == "onnx":
-            got = predict.OnnxNetwork(path)(images)
+            got = inference.OnnxNetwork(path)(images)
         elif fmt == "torchscript":
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
                 got = torch.jit.load(str(path), map_location="cpu")(images)
         else:
-            got = predict.network_from_safetensors(path, meta)(images)
+            got = models.with_tta(inference.network_from_safetensors(path, meta), meta["tta"])(images)
     return _compare(expected, got)
 
 
@@ -150,3 +150,29 @@ def _compare(expected: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
             f"the export does not reproduce the checkpoint: max |logit diff| {diff:.2e}, top-1 agrees on {same}/{len(expected)}"
         )
     return result
+
+
+def check_images(ckpt_path: Path, data_dir: str | None, n: int, download: bool) -> tuple[torch.Tensor, str]:
+    """Normalised real test images for the export check, and where they came from. Without a
+    usable data dir: seeded random images, said so (the check then proves numerics only)."""
+    import sys
+
+    import torch
+
+    from cifar_lightning.data import CIFAR10DataModule
+    from cifar_lightning.errors import DataError
+    from cifar_lightning.images import normalize
+    from cifar_lightning.recipes import saved_run_config
+
+    data_dir = data_dir or saved_run_config(ckpt_path).get("data_dir")
+    if data_dir:
+        try:
+            dm = CIFAR10DataModule(data_dir=data_dir, download=download)
+            dm.prepare_data()
+            test = dm.load()["test"]
+            idx = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(0))[:n]
+            return normalize(test.images[idx]), f"{len(idx)} test images of {data_dir}"
+        except DataError as e:
+            print(f"cifar-export: note: {e}; checking on random images instead", file=sys.stderr)
+    g = torch.Generator().manual_seed(0)
+    return normalize(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)), f"{n} random images"

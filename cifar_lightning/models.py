@@ -150,3 +150,38 @@ class FastNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(self.whiten(x))) * self.scaling_factor
+
+
+def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, level: int) -> torch.Tensor:
+    """Logits averaged over test-time views: level 0 the image alone; 1 the image and its
+    mirror; 2 also both shifted one pixel up-left and down-right (6 views, airbench's weights).
+    The one definition every path uses: training's test, evaluation, prediction, exports."""
+    if level == 0:
+        return forward(x)
+
+    def mirror(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 * forward(v) + 0.5 * forward(v.flip(-1))
+
+    logits = mirror(x)
+    if level == 1:
+        return logits
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    h, w = x.shape[-2:]
+    shifted = 0.5 * mirror(padded[..., :h, :w]) + 0.5 * mirror(padded[..., 2:, 2:])
+    return 0.5 * logits + 0.5 * shifted
+
+
+class WithTTA(nn.Module):
+    """A network whose forward averages its test-time views: what exports carry, so an exported
+    model classifies exactly as the checkpoint did in training's test and in cifar-evaluate."""
+
+    def __init__(self, net: nn.Module, level: int) -> None:
+        super().__init__()
+        self.net, self.level = net, int(level)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tta_logits(self.net, x, self.level)
+
+
+def with_tta(net: nn.Module, level: int) -> nn.Module:
+    return WithTTA(net, level) if level else net

@@ -7,23 +7,14 @@ rebuilds its network from ``checkpoint["hyper_parameters"]`` alone and loads wit
 
 from __future__ import annotations
 
-import os
-import pickle
-import re
-from pathlib import Path
-
 import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cifar_lightning import models
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "cosine", "onecycle", "triangle")
-#: test-time augmentation levels: 0 none, 1 + mirror, 2 + mirror and 1-px translations (6 views)
-TTA_LEVELS = (0, 1, 2)
+from cifar_lightning.images import normalize
+from cifar_lightning.recipes import OPTIMIZERS, SCHEDULES, TTA_LEVELS
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,8 +78,6 @@ class ImageClassifier(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if init is None or bool(self.net.whitening_ready) or getattr(dm, "train_set", None) is None:
             return
-        from cifar_lightning.data import normalize
-
         images = dm.train_set.images[: self.hparams.whitening_images]
         init(normalize(images).to(self.device))
 
@@ -113,22 +102,8 @@ class ImageClassifier(L.LightningModule):
             torch.cuda.set_rng_state_all([t.cpu() for t in rng["cuda"]])
 
     def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits averaged over test-time views (``tta``): the image and its mirror, then
-        also both shifted one pixel up-left and down-right; weights as in airbench."""
-        level = self.hparams.tta
-        if level == 0:
-            return self(x)
-
-        def mirror(v: torch.Tensor) -> torch.Tensor:
-            return 0.5 * self(v) + 0.5 * self(v.flip(-1))
-
-        logits = mirror(x)
-        if level == 1:
-            return logits
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        h, w = x.shape[-2:]
-        shifted = 0.5 * mirror(padded[..., :h, :w]) + 0.5 * mirror(padded[..., 2:, 2:])
-        return 0.5 * logits + 0.5 * shifted
+        """Logits averaged over the model's test-time views (``tta``; see ``models.tta_logits``)."""
+        return models.tta_logits(self, x, self.hparams.tta)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -202,83 +177,3 @@ class ImageClassifier(L.LightningModule):
         else:
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, unreadable, unsafe or of another model."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a Lightning checkpoint of this project without unpickling arbitrary objects.
-
-    ``weights_only=True`` refuses any pickle that would build an object other than tensors and
-    plain containers, so a malicious file fails here instead of running code; ``map_location``
-    lets a checkpoint saved on a GPU load on a CPU-only machine.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
-        if found:
-            raise CheckpointError(
-                f"{path}: refused to load: it asks to import {found.group(1)}, which could run code; "
-                "only plain-weights checkpoints are loaded"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error: \s*([^\n]+)", text)
-        reason = detail.group(1).strip() if detail else _first_line(e)
-        raise CheckpointError(f"{path}: not a readable checkpoint (weights-only unpickler: {reason})") from None
-    except Exception as e:  # truncated zip, random bytes, empty file, permission...
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in (ckpt.get("hyper_parameters") or {}):
-        raise CheckpointError(f"{path}: not a cifar-lightning ImageClassifier checkpoint (no state_dict / model name)")
-    return ckpt
-
-
-def classifier_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> ImageClassifier:
-    """Rebuild the network from the checkpoint's hyperparameters and load its weights."""
-    name = ckpt["hyper_parameters"]["model"]
-    if name not in models.MODELS:
-        raise CheckpointError(f"{path}: a checkpoint of network {name!r}, which this version does not know ({', '.join(models.MODELS)})")
-    try:
-        module = ImageClassifier(**ckpt["hyper_parameters"])
-        module.load_state_dict(ckpt["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: weights do not fit the network it names ({str(e).splitlines()[0]})") from None
-    return module
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint writes that a kill or a full disk can never leave half-done.
-
-    Lightning already writes through an fsspec transaction, but its temporary file lives in the
-    system temp dir: across file systems the final move is a copy, which a kill can cut short.
-    Here the bytes go to a hidden temporary file beside the target, are flushed to disk, and
-    only then replace the target with ``os.replace`` (atomic on POSIX and Windows); on any
-    error the temporary file is removed and the previous checkpoint is untouched.
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: object = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise

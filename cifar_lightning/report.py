@@ -272,9 +272,32 @@ def data_grid_figure(
     return fig
 
 
+def data_grid_of(data_dir: str, augment: str = "none", ranges: dict[str, float] | None = None, per_class: int = 8,
+                 n_augmented: int = 5, seed: int = 0, download: bool = True) -> Figure:  # fmt: skip
+    """cifar-show-data: the training images of a data dir, augmented with the named recipe."""
+    from cifar_lightning.augment import BatchAugment
+    from cifar_lightning.data import CIFAR10DataModule
+    from cifar_lightning.errors import ConfigError
+
+    try:
+        augmenter = BatchAugment(augment, **(ranges or {})) if augment != "none" else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dm = CIFAR10DataModule(data_dir=data_dir, download=download)
+    dm.prepare_data()
+    train = dm.load()["train"]
+    torch.manual_seed(seed)
+    return data_grid_figure(train.images, train.labels, list(dm.classes), per_class, augmenter, n_augmented)
+
+
 def save_figure(fig: Figure, path: Path, dpi: int = 100) -> None:
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    """PNG written atomically: an interrupted save never leaves half an image at ``path``."""
+    from cifar_lightning.checkpoint import atomic_write
+
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- report

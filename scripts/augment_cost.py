@@ -15,9 +15,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cifar_lightning.augment import AUGMENTS, BatchAugment
-from cifar_lightning.data import normalize
+from cifar_lightning.augment import BatchAugment
+from cifar_lightning.images import normalize
 from cifar_lightning.models import build
+from cifar_lightning.recipes import AUGMENTS
 
 
 def main() -> None:

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifar_lightning import cli
-from cifar_lightning.data import CIFAR10DataModule, normalize
+from cifar_lightning import recipes, train
+from cifar_lightning.data import CIFAR10DataModule
+from cifar_lightning.images import normalize
 from cifar_lightning.models import MODELS, build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,9 +81,8 @@ def machine_peaks(dtype: torch.dtype) -> dict[str, float]:
 
 def network_for(recipe: str) -> tuple[torch.nn.Module, int]:
     """The network and batch size a preset trains with."""
-    cfg = {**cli.TRAIN_DEFAULTS, **cli.PRESETS[recipe]}
-    args = {"widths": cfg["widths"]} if cfg["widths"] else {}
-    return build(cfg["model"], **args), cfg["batch_size"]
+    cfg = recipes.build({"preset": recipe})
+    return build(cfg.model, **(cfg.model_args() or {})), cfg.batch_size
 
 
 def train_step_fn(net: torch.nn.Module, batch: int, precision: str):  # noqa: ANN201
@@ -110,7 +110,7 @@ def training_flops(net: torch.nn.Module, batch: int) -> int:
 
 
 def bench_throughput(args: argparse.Namespace) -> list[dict]:
-    precisions = ["32-true", "bf16-mixed"] if cli.resolve_precision("auto", "cpu") == "bf16-mixed" else ["32-true"]
+    precisions = ["32-true", "bf16-mixed"] if train.resolve_precision("auto", "cpu") == "bf16-mixed" else ["32-true"]
     print(f"\n== training-step throughput ({machine()})")
     peaks = {}
     for p in precisions:
@@ -146,10 +146,10 @@ def bench_throughput(args: argparse.Namespace) -> list[dict]:
 def bench_pipeline(args: argparse.Namespace) -> dict:
     """The same training steps, fed by the data module (shuffle, slice, augment, normalise) and
     by one batch already normalised in memory: the difference is what the data path costs."""
-    cfg = {**cli.TRAIN_DEFAULTS, **cli.PRESETS["94"]}
-    precision = cli.resolve_precision(args.precision, "cpu")
-    aug = {k: cfg[k] for k in cli.AUG_OPTIONS if cfg[k] is not None}
-    dm = CIFAR10DataModule(str(args.data_dir), batch_size=cfg["batch_size"], val_size=0, augment=cfg["augment"], augment_options=aug)
+    cfg = recipes.build({"preset": "94"})
+    precision = train.resolve_precision(args.precision, "cpu")
+    dm = CIFAR10DataModule(str(args.data_dir), batch_size=cfg.batch_size, val_size=0, augment=cfg.augment,
+                           augment_options=cfg.augment_options())  # fmt: skip
     dm.setup("fit")
     dm.trainer = SimpleNamespace(training=True)  # the hook augments only while training
     net, batch = network_for("94")
@@ -182,7 +182,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
         mem.append(from_memory())
         mod.append(from_module())
     m, d = min(mem), min(mod)
-    print(f"\n== data pipeline ({steps} steps of batch {batch}, fast network, {precision}, augment {cfg['augment']}; best of {len(mem)})")
+    print(f"\n== data pipeline ({steps} steps of batch {batch}, fast network, {precision}, augment {cfg.augment}; best of {len(mem)})")
     print(f"in-memory batch     : {m:6.2f} s")
     print(f"fed by data module  : {d:6.2f} s")
     print(f"data-path overhead  : {(d - m) / m:+.1%}")
@@ -225,15 +225,17 @@ def bench_time_to_accuracy(args: argparse.Namespace) -> list[dict]:
     dm.setup("test")
     rows = []
     for recipe in args.recipes.split(","):
-        argv = ["--preset", recipe, "--data-dir", str(args.data_dir), "--log-dir", str(args.log_dir), "--seed", str(args.seed),
-                "--no-progress-bar", "--log-images-every", "0"]  # fmt: skip
+        given = {"preset": recipe, "data_dir": str(args.data_dir), "log_dir": str(args.log_dir), "seed": args.seed,
+                 "progress_bar": False, "log_images_every": 0}  # fmt: skip
         if recipe == "seed" and args.seed_epochs:
-            argv += ["--epochs", str(args.seed_epochs)]
+            given["epochs"] = args.seed_epochs
         if args.precision != "auto":
-            argv += ["--precision", args.precision]
-        print(f"\n== time to accuracy: cifar-train {' '.join(argv)}", flush=True)
+            given["precision"] = args.precision
+        cfg = recipes.build(given)
+        argv = " ".join(f"{recipes.flag(k)} {v}" for k, v in given.items())
+        print(f"\n== time to accuracy: cifar-train {argv}", flush=True)
         probe = EpochProbe(dm.test_set.images, dm.test_set.labels)
-        result = cli.run_training(cli.resolve_train_config(argv), callbacks=[probe])
+        result = train.run_training(cfg, callbacks=[probe])
         for r in probe.rows:
             rows.append({"recipe": recipe, **r})
         print(f"{recipe}: final test accuracy {result['test_acc']:.4f}, wall {result['wall_seconds']:.1f} s "
@@ -292,7 +294,7 @@ def main() -> None:
         replot((args.out or Path(".")) / "time_to_accuracy.csv")
         return
     torch.manual_seed(0)
-    cli._quiet_lightning()
+    train.quiet_lightning()
     results: dict = {"machine": machine(), "cpu_count": os.cpu_count()}
     if args.what in ("throughput", "all"):
         results["throughput"] = bench_throughput(args)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from cifar_lightning.cli import check_batch
-from cifar_lightning.export import export
-from cifar_lightning.module import classifier_from_checkpoint, load_checkpoint
-from cifar_lightning.predict import OnnxNetwork
+from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
+from cifar_lightning.export import check_images, export
+from cifar_lightning.inference import OnnxNetwork
+from cifar_lightning.models import with_tta
 
 
 def throughput(fn, x: torch.Tensor, seconds: float) -> float:
@@ -36,14 +36,16 @@ def main() -> None:
     p.add_argument("checkpoint")
     p.add_argument("--seconds", type=float, default=3.0, help="timing per measurement")
     p.add_argument("--batch-sizes", default="1,256")
+    p.add_argument("--tta", type=int, choices=(0, 1, 2), help="test-time views in every engine (default: the checkpoint's)")
     args = p.parse_args()
     ckpt = Path(args.checkpoint)
     module = classifier_from_checkpoint(load_checkpoint(ckpt), ckpt)
-    images, _ = check_batch(ckpt, None, 256, download=False)
-    net = module.net.eval()
+    images, _ = check_images(ckpt, None, 256, download=False)
+    tta = module.hparams.tta if args.tta is None else args.tta
+    net = with_tta(module.net.eval(), tta)
     with tempfile.TemporaryDirectory() as tmp:
-        export(module, ckpt, "onnx", Path(tmp) / "m.onnx", images)
-        export(module, ckpt, "torchscript", Path(tmp) / "m.ts", images)
+        export(module, ckpt, "onnx", Path(tmp) / "m.onnx", images, tta=tta)
+        export(module, ckpt, "torchscript", Path(tmp) / "m.ts", images, tta=tta)
         import warnings
 
         with warnings.catch_warnings():
@@ -52,7 +54,7 @@ def main() -> None:
         onnx = OnnxNetwork(Path(tmp) / "m.onnx")
         engines = {"eager PyTorch": net, "TorchScript": scripted, "onnxruntime": onnx}
         print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-              f"model {module.hparams.model}, torch {torch.__version__}")  # fmt: skip
+              f"model {module.hparams.model}, test-time views level {tta}, torch {torch.__version__}")  # fmt: skip
         print(f"{'engine':<15}{'batch':>7}{'images/s':>12}{'vs eager':>10}")
         for bs in (int(b) for b in args.batch_sizes.split(",")):
             x = images[:bs].contiguous()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets itself up on a fresh machine, then runs the job:
-#   bash scripts/dev.sh train [cifar-train flags...]   train (default: the seed recipe)
+#   bash scripts/dev.sh train [cifar-train flags...]   train (default: --preset 94, the fast recipe)
 #   bash scripts/dev.sh test  [pytest args...]         ruff + the test suite
 #   bash scripts/dev.sh run CMD [args...]              any command inside the project's venv
 # The venv (.venv, or $CIFAR_LIGHTNING_VENV) is built once and rebuilt when pyproject.toml changes.

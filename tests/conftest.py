@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar_lightning.data import CLASSES
+from cifar_lightning.images import CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "cifar10"

@@ -8,7 +8,8 @@ import torch
 
 from cifar_lightning import augment
 from cifar_lightning.augment import BatchAugment
-from cifar_lightning.data import CIFAR10DataModule, normalize
+from cifar_lightning.data import CIFAR10DataModule
+from cifar_lightning.images import normalize
 
 
 def textured_batch(n: int = 16) -> torch.Tensor:

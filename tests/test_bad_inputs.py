@@ -20,7 +20,7 @@ from PIL import Image
 
 from cifar_lightning import load_classifier
 from cifar_lightning.cli import evaluate_main, export_main, predict_main, train_main
-from cifar_lightning.data import CLASSES
+from cifar_lightning.images import CLASSES
 
 
 class _Marker:
@@ -223,8 +223,7 @@ def test_the_corpus_is_big_enough() -> None:
     [("missing.ckpt", "missing.ckpt"), ("random_ckpt", "random.ckpt"), ("evil_ckpt", "evil.ckpt"), ("foreign_onnx", "foreign.onnx")],
 )
 def test_python_api_raises_one_line_errors_naming_the_file(world: dict[str, Path], source: str, expected: str) -> None:
-    from cifar_lightning.module import CheckpointError
-    from cifar_lightning.predict import ModelError
+    from cifar_lightning.errors import CheckpointError, ModelError
 
     path = world.get(source, world["root"] / source)
     with pytest.raises((ModelError, CheckpointError)) as info:

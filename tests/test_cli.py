@@ -104,10 +104,10 @@ def test_yaml_config_sets_options_and_flags_override_it(imagefolder: Path, tmp_p
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("epochs: 7\nbatch-size: 16\naugment: standard\n")
     cfg = resolve_train_config(["--config", str(cfg_file), "--epochs", "3"])
-    assert (cfg["epochs"], cfg["batch_size"], cfg["augment"], cfg["lr"]) == (3, 16, "standard", 1.5)  # lr: the default preset's
+    assert (cfg.epochs, cfg.batch_size, cfg.augment, cfg.lr) == (3, 16, "standard", 1.5)  # lr: the default preset's
     cfg_file.write_text("preset: seed\nbatch-size: 16\n")
     cfg = resolve_train_config(["--config", str(cfg_file)])
-    assert (cfg["preset"], cfg["model"], cfg["batch_size"], cfg["lr"]) == ("seed", "seed", 16, 1e-3)
+    assert (cfg.preset, cfg.model, cfg.batch_size, cfg.lr) == ("seed", "seed", 16, 1e-3)
 
 
 BAD = [

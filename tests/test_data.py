@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_lightning import data
-from cifar_lightning.data import CLASSES, CIFAR10DataModule, DataError, normalize
+from cifar_lightning import data, images
+from cifar_lightning.data import CIFAR10DataModule
+from cifar_lightning.errors import DataError
+from cifar_lightning.images import CLASSES, normalize
 
 
 def test_imagefolder_decodes_to_uint8_tensors_with_sorted_class_labels(imagefolder: Path) -> None:
@@ -104,11 +106,11 @@ def test_loaders_keep_every_eval_image_and_batch_whole_tensors(imagefolder: Path
 
 
 def test_normalisation_uses_the_train_set_statistics() -> None:
-    assert data.MEAN == (0.4914, 0.4822, 0.4465)
-    assert data.STD == (0.2470, 0.2435, 0.2616)
+    assert images.MEAN == (0.4914, 0.4822, 0.4465)
+    assert images.STD == (0.2470, 0.2435, 0.2616)
     img = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
     out = normalize(img).flatten().tolist()
-    assert out == pytest.approx([(1 - m) / s for m, s in zip(data.MEAN, data.STD, strict=True)])
+    assert out == pytest.approx([(1 - m) / s for m, s in zip(images.MEAN, images.STD, strict=True)])
 
 
 def test_jpeg_and_odd_sizes_are_converted_to_32x32_rgb(tmp_path: Path) -> None:

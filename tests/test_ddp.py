@@ -13,8 +13,9 @@ import lightning as L
 import pytest
 from conftest import write_imagefolder
 
-from cifar_lightning.data import CLASSES, CIFAR10DataModule
-from cifar_lightning.module import classifier_from_checkpoint, load_checkpoint
+from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
+from cifar_lightning.data import CIFAR10DataModule
+from cifar_lightning.images import CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 

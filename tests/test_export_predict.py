@@ -15,7 +15,9 @@ from PIL import Image
 
 from cifar_lightning import load_classifier
 from cifar_lightning.cli import evaluate_main, export_main, predict_main
-from cifar_lightning.predict import ModelError, as_uint8_batch
+from cifar_lightning.errors import ModelError
+from cifar_lightning.images import normalize
+from cifar_lightning.inference import as_uint8_batch
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,7 @@ def test_every_export_predicts_what_the_checkpoint_predicts(trained) -> None:
         classes, probs = load_classifier(trained[fmt]).predict(files)
         assert classes == ref_classes and torch.allclose(probs, ref, atol=1e-5), fmt
     scripted = torch.jit.load(str(trained["torchscript"]))
-    clf = load_classifier(trained["ckpt"])
-    x = (as_uint8_batch(files).float() / 255 - clf.mean) / clf.std
+    x = normalize(as_uint8_batch(files))
     assert torch.allclose(scripted(x).softmax(1), ref, atol=1e-5)
 
 

@@ -9,8 +9,9 @@ import torch
 import yaml
 from conftest import train_tiny_run
 
-from cifar_lightning import cli, models
-from cifar_lightning.module import ImageClassifier, load_checkpoint
+from cifar_lightning import cli, models, recipes, train
+from cifar_lightning.checkpoint import load_checkpoint
+from cifar_lightning.module import ImageClassifier
 
 
 @pytest.mark.parametrize("widths", [(64, 256, 256), (32, 128, 128), (8, 16, 16)])
@@ -75,26 +76,25 @@ def test_batchnorm_shifts_get_their_own_learning_rate_and_decay() -> None:
 @pytest.mark.parametrize("preset", ["seed", "90", "93", "94"])
 def test_each_preset_resolves_to_a_complete_valid_configuration(preset: str) -> None:
     cfg = cli.resolve_train_config(["--preset", preset])
-    assert cfg["preset"] == preset
-    assert set(cfg) == set(cli.TRAIN_DEFAULTS)
-    for key, value in cli.PRESETS[preset].items():
-        assert cfg[key] == value
-    cli._check_config_values(cfg)  # raises on anything invalid
+    assert cfg.preset == preset
+    for key, value in recipes.preset(preset).items():
+        assert getattr(cfg, key) == value
+    recipes.check_model_name(cfg)  # raises on an unknown network
     module = ImageClassifier(
-        model=cfg["model"], lr=cfg["lr"], optimizer=cfg["optimizer"], schedule=cfg["schedule"], tta=cfg["tta"],
-        model_args={"widths": cfg["widths"]} if cfg["widths"] else None,
+        model=cfg.model, lr=cfg.lr, optimizer=cfg.optimizer, schedule=cfg.schedule, tta=cfg.tta,
+        model_args={"widths": cfg.widths} if cfg.widths else None,
     )  # fmt: skip
     assert module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    assert cli.resolve_precision(cfg["precision"], "cpu") in cli.PRECISIONS
+    assert train.resolve_precision(cfg.precision, "cpu") in recipes.PRECISIONS
 
 
 def test_default_is_the_fast_preset_and_flags_override_it() -> None:
-    assert cli.resolve_train_config([])["preset"] == cli.DEFAULT_PRESET
-    assert cli.resolve_train_config([])["model"] == "fast"
+    assert cli.resolve_train_config([]).preset == recipes.DEFAULT_PRESET
+    assert cli.resolve_train_config([]).model == "fast"
     seed = cli.resolve_train_config(["--model", "seed"])  # the notebook's recipe, not fast's SGD at lr 1.5
-    assert seed["preset"] == "seed" and seed["optimizer"] == "adam" and seed["lr"] == 1e-3
+    assert seed.preset == "seed" and seed.optimizer == "adam" and seed.lr == 1e-3
     cfg = cli.resolve_train_config(["--preset", "94", "--epochs", "3", "--tta", "0", "--widths", "16,32,64"])
-    assert (cfg["epochs"], cfg["tta"], cfg["widths"], cfg["model"]) == (3, 0, [16, 32, 64], "fast")
+    assert (cfg.epochs, cfg.tta, cfg.widths, cfg.model) == (3, 0, [16, 32, 64], "fast")
 
 
 @pytest.mark.parametrize("bad", [["--preset", "99"], ["--widths", "64,256"], ["--widths", "a,b,c"], ["--tta", "5"]])
@@ -130,11 +130,11 @@ def test_a_refit_or_resume_keeps_the_recipe_of_the_run_it_starts_from(tmp_path: 
     (run / "config.yaml").write_text(yaml.safe_dump({"model": "seed", "epochs": 20, "data_dir": "somewhere"}))  # pre-preset run
     ckpt = str(run / "checkpoints" / "last.ckpt")
     refit = cli.resolve_train_config(["--init-from", ckpt, "--augment", "seed", "--epochs", "10"])
-    assert (refit["preset"], refit["model"], refit["optimizer"], refit["epochs"]) == ("seed", "seed", "adam", 10)
+    assert (refit.preset, refit.model, refit.optimizer, refit.epochs) == ("seed", "seed", "adam", 10)
     resumed = cli.resolve_train_config(["--resume", ckpt])
-    assert (resumed["preset"], resumed["model"], resumed["data_dir"]) == ("seed", "seed", "somewhere")
+    assert (resumed.preset, resumed.model, resumed.data_dir) == ("seed", "seed", "somewhere")
     (run / "config.yaml").write_text(yaml.safe_dump({"preset": "90", "model": "fast", "widths": [32, 128, 128]}))
-    assert cli.resolve_train_config(["--init-from", ckpt])["widths"] == [32, 128, 128]
+    assert cli.resolve_train_config(["--init-from", ckpt]).widths == [32, 128, 128]
 
 
 def test_lookahead_ends_on_its_slow_copy_and_saves_it_for_a_resume(tmp_path: Path) -> None:

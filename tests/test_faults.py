@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import write_imagefolder
 
-from cifar_lightning.module import load_checkpoint
+from cifar_lightning.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

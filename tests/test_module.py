@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
 from cifar_lightning.data import CIFAR10DataModule
-from cifar_lightning.module import CheckpointError, ImageClassifier, classifier_from_checkpoint, load_checkpoint
+from cifar_lightning.errors import CheckpointError
+from cifar_lightning.module import ImageClassifier
 
 
 def first_batch_loss(tree: Path, seed: int) -> float:

@@ -1,18 +1,20 @@
-"""Classify image files with a checkpoint, a safetensors export or an ONNX export.
+"""The one inference path: a model file (checkpoint, safetensors or ONNX export) -> class
+probabilities, with the model's test-time augmentation. ``cifar-evaluate``, ``cifar-predict``
+and ``load_classifier`` all go through ``Classifier.probabilities``, so a checkpoint and its
+exports classify the same images the same way and score the same accuracy.
 
-Any common image becomes a 32x32 RGB uint8 image the same way, whatever the model file:
-EXIF orientation applied; 16-bit scaled to 8-bit; palette, grayscale and CMYK converted to
-RGB; transparency composited over white; the largest centred square cropped (CIFAR-10 images
-are square, object-centred) and resized to 32x32 with Lanczos filtering.
+Images are decoded by the one policy of ``images.to_rgb32``. Loading an ONNX export imports
+torch and onnxruntime, never Lightning; nothing here unpickles anything but plain weights.
 
     from cifar_lightning import load_classifier
-    clf = load_classifier("seed.safetensors")
+    clf = load_classifier("model.safetensors")
     classes, probs = clf.predict(["cat.jpg", "dog.png"])
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,72 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar_lightning.data import CLASSES, IMAGE_SIZE, MEAN, STD
+from cifar_lightning.checkpoint import SIDECAR_FORMAT, sidecar_path
+from cifar_lightning.errors import CheckpointError, ImageError, ModelError
+from cifar_lightning.images import CLASSES, IMAGE_SIZE, MEAN, STD, is_image_file, load_image, normalize, to_rgb32
+from cifar_lightning.recipes import TTA_LEVELS
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-SIDECAR_FORMAT = "cifar-lightning-export"
-
-
-def sidecar_path(model_path: Path) -> Path:
-    """seed.onnx -> seed.onnx.json: one metadata file beside every exported model."""
-    return model_path.with_name(model_path.name + ".json")
-
-
-class ModelError(ValueError):
-    """A model file that cannot be used: missing, corrupt, unsafe, or of another kind."""
-
-
-class ImageError(ValueError):
-    """One input that is not a usable image."""
+MODEL_SUFFIXES = (".ckpt", ".safetensors", ".onnx")
 
 
 # ----------------------------------------------------------------------------- images
-
-
-def to_rgb32(image: Any) -> np.ndarray:
-    """A PIL image -> (32, 32, 3) uint8 RGB, by the policy in the module docstring."""
-    from PIL import Image, ImageOps
-
-    im = ImageOps.exif_transpose(image)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit int) grayscale
-        arr = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(arr / peak * 255 + 0.5, 0, 255).astype(np.uint8), "L")
-    elif im.mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(arr * (255 if arr.max() <= 1 else 1) + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P":
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("RGB", "L") and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba)
-    im = im.convert("RGB")
-    im = ImageOps.fit(im, (IMAGE_SIZE, IMAGE_SIZE), method=Image.Resampling.LANCZOS)
-    return np.array(im, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """An image file -> (32, 32, 3) uint8 RGB; ImageError naming the file otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    try:
-        if path.is_dir():
-            raise ImageError(f"{path}: is a directory")
-        if path.stat().st_size == 0:
-            raise ImageError(f"{path}: empty file")
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not later
-            return to_rgb32(im)
-    except ImageError:
-        raise
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image PIL can read") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"{path}: unreadable image ({e})") from None
 
 
 def as_uint8_batch(images: Sequence[Any] | np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -171,39 +116,68 @@ def read_sidecar(model_path: Path, required: bool) -> dict:
         return {}
     try:
         meta = json.loads(side.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{side}: unreadable export metadata ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelError(f"{side}: unreadable export metadata ({type(e).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         raise ModelError(f"{side}: not cifar-lightning export metadata")
+    check_metadata(meta, side)
     return meta
+
+
+def check_metadata(meta: dict, where: Path | str) -> None:
+    """Export metadata is input like any other: wrong types or values give one ModelError."""
+
+    def numbers(key: str, positive: bool = False) -> None:
+        v = meta.get(key)
+        if v is None:
+            return
+        ok = isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        if not ok or not all(math.isfinite(x) and (x > 0 or not positive) for x in v):
+            raise ModelError(f"{where}: {key!r} must be three finite numbers{' > 0' if positive else ''}")
+
+    if not isinstance(meta.get("model", ""), str) or not isinstance(meta.get("model_args", {}), dict):
+        raise ModelError(f"{where}: 'model' must be a network name and 'model_args' a mapping")
+    names = meta.get("class_names")
+    if names is not None and (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)):
+        raise ModelError(f"{where}: 'class_names' must be a list of names")
+    numbers("mean")
+    numbers("std", positive=True)
+    if meta.get("tta", 0) not in TTA_LEVELS:
+        raise ModelError(f"{where}: 'tta' must be one of {TTA_LEVELS}")
 
 
 # ----------------------------------------------------------------------------- classifier
 
 
 class Classifier:
-    """A loaded model of any supported kind: ``predict`` takes images, returns classes and
-    probabilities; ``top_k`` the k best (class, probability) pairs per image."""
+    """A loaded model of any supported kind. ``network`` maps normalised images to logits with
+    the model's test-time augmentation already inside it (``tta`` says which views)."""
 
-    def __init__(self, network: Any, class_names: Sequence[str], mean: Sequence[float] = MEAN,
-                 std: Sequence[float] = STD, device: str = "cpu", source: str = "") -> None:  # fmt: skip
+    def __init__(self, network: Any, class_names: Sequence[str], mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
+                 device: str = "cpu", source: str = "", tta: int = 0, info: dict | None = None) -> None:  # fmt: skip
         self.network = network
         self.class_names = list(class_names)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.device = device
         self.source = source
+        self.tta = tta
+        #: what the model file records: model name, its test accuracy, the source checkpoint...
+        self.info = info or {}
 
-    def probabilities(self, batch: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """uint8 (N, 3, 32, 32) -> softmax probabilities (N, C)."""
+    def logits(self, batch: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """uint8 (N, 3, 32, 32) -> logits (N, C), in batches."""
         out = []
         with torch.inference_mode():
             for i in range(0, len(batch), batch_size):
-                x = (batch[i : i + batch_size].float() / 255 - self.mean) / self.std
+                x = normalize(batch[i : i + batch_size], self.mean, self.std)
                 if isinstance(self.network, torch.nn.Module):
                     x = x.to(self.device)
-                out.append(self.network(x).float().softmax(-1).cpu())
+                out.append(self.network(x).float().cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.class_names))
+
+    def probabilities(self, batch: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """uint8 (N, 3, 32, 32) -> softmax probabilities (N, C)."""
+        return self.logits(batch, batch_size).softmax(-1)
 
     def predict(self, images: Sequence[Any] | np.ndarray | torch.Tensor, batch_size: int = 256) -> tuple[list[str], torch.Tensor]:
         """Images (paths, PIL images, uint8 arrays) -> (predicted class names, probabilities (N, C))."""
@@ -216,39 +190,56 @@ class Classifier:
                 for vs, ix in zip(values.tolist(), idx.tolist(), strict=True)]  # fmt: skip
 
 
-def load_classifier(path: str | Path, device: str = "cpu") -> Classifier:
+def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = None) -> Classifier:
     """A Lightning .ckpt (loaded weights-only), a .safetensors export (with its .json sidecar) or
-    an .onnx export; ModelError with one clear line for anything else."""
+    an .onnx export; ModelError with one clear line for anything else.
+
+    ``tta`` overrides the test-time augmentation of a checkpoint or safetensors export (an ONNX
+    graph has its views built in)."""
+    from cifar_lightning import models
+
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         meta = read_sidecar(path, required=True)
-        net = network_from_safetensors(path, meta).to(device)
-        names = meta.get("class_names") or CLASSES
-        return Classifier(net, names, meta.get("mean", MEAN), meta.get("std", STD), device, str(path))
+        level = meta.get("tta", 0) if tta is None else tta
+        net = models.with_tta(network_from_safetensors(path, meta), level).to(device)
+        return Classifier(net, _class_names(meta, path), meta.get("mean", MEAN), meta.get("std", STD), device, str(path), level, meta)
     if suffix == ".onnx":
         meta = read_sidecar(path, required=False)
         net = OnnxNetwork(path)
-        names = meta.get("class_names") or CLASSES
+        names = _class_names(meta, path)
         try:
             out = net(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
         except Exception as e:  # onnxruntime's own error types
             raise ModelError(f"{path}: the ONNX model does not run on a 1 x 3 x 32 x 32 batch ({str(e).splitlines()[0][:200]})") from None
         if tuple(out.shape) != (1, len(names)):
             raise ModelError(f"{path}: an ONNX model of another kind (gives {tuple(out.shape)} outputs, not 1 x {len(names)} class scores)")
-        return Classifier(net, names, meta.get("mean", MEAN), meta.get("std", STD), "cpu", str(path))
+        return Classifier(net, names, meta.get("mean", MEAN), meta.get("std", STD), "cpu", str(path), meta.get("tta", 0), meta)
     if suffix in (".ckpt", ".pt", ".pth"):
-        from cifar_lightning.module import CheckpointError, classifier_from_checkpoint, load_checkpoint
+        from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
 
         try:
             module = classifier_from_checkpoint(load_checkpoint(path), path)
         except CheckpointError as e:
             raise ModelError(str(e)) from None
-        names = module.hparams.class_names or CLASSES
-        return Classifier(module.net.eval().to(device), names, MEAN, STD, device, str(path))
+        hp = module.hparams
+        level = hp.tta if tta is None else tta
+        net = models.with_tta(module.net.eval(), level).to(device)
+        names = list(hp.class_names or CLASSES)
+        info = {"model": hp.model, "tta": level, "class_names": names}
+        return Classifier(net, names, MEAN, STD, device, str(path), level, info)
     raise ModelError(f"{path}: unknown model kind {suffix or '(no suffix)'!r}; expected .ckpt, .safetensors or .onnx")
+
+
+def _class_names(meta: dict, path: Path) -> list[str]:
+    names = meta.get("class_names") or list(CLASSES)
+    n = (meta.get("model_args") or {}).get("num_classes")
+    if isinstance(n, int) and n != len(names):
+        raise ModelError(f"{path}: the metadata names {len(names)} classes for a {n}-class network")
+    return list(names)
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
@@ -256,7 +247,25 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+            out.extend(sorted(f for f in p.rglob("*") if is_image_file(f)))
         else:
             out.append(p)
     return out
+
+
+def device_for(accelerator: str) -> str:
+    """The torch device for a Lightning-style accelerator name; an unavailable one is an error."""
+    from cifar_lightning.errors import ConfigError
+
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if accelerator in ("gpu", "cuda"):
+        if not cuda:
+            raise ConfigError(f"--accelerator {accelerator}: no CUDA GPU is available on this machine")
+        return "cuda"
+    if accelerator == "mps":
+        if not mps:
+            raise ConfigError("--accelerator mps: MPS is not available on this machine")
+        return "mps"
+    if accelerator == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    return "cpu"

@@ -1,0 +1,95 @@
+"""Evaluate a model file (checkpoint or export) on a split: the data of its run, the one
+inference path (``inference.Classifier``, test-time views included) and the full report.
+
+    cifar-evaluate lightning_logs/version_0/checkpoints/last.ckpt
+    cifar-evaluate model.onnx --data-dir ../shared/data/cifar10
+
+A checkpoint and its exports evaluated this way score the same accuracy: whatever the user
+takes away is measured by the same code that measured the checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cifar_lightning import report
+from cifar_lightning.checkpoint import atomic_dir, run_dir_of, sha256_of
+from cifar_lightning.data import CIFAR10DataModule
+from cifar_lightning.errors import ConfigError, DataError
+from cifar_lightning.inference import Classifier, load_classifier
+from cifar_lightning.recipes import saved_run_config
+
+
+def source_checkpoint(model_path: Path, clf: Classifier) -> Path:
+    """The checkpoint a model file came from: itself, or the one its export metadata names."""
+    src = clf.info.get("source_checkpoint")
+    return Path(src) if isinstance(src, str) and model_path.suffix.lower() != ".ckpt" else model_path
+
+
+def next_free_dir(base: Path) -> Path:
+    """base, or base_2, base_3... : the first that does not exist."""
+    n, candidate = 1, base
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}_{n}")
+    return candidate
+
+
+def report_dir(model_path: Path, run_dir: Path | None, out: str | None, overwrite: bool) -> Path:
+    """--out as given (refusing to replace a non-empty one without --overwrite), else report/
+    beside a checkpoint's run, else <file>_report beside the file; _2, _3... when taken."""
+    if out:
+        path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--out {path}: exists and is not a folder")
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise ConfigError(f"--out {path}: exists and is not empty; pass --overwrite or choose another folder")
+        return path
+    if run_dir is not None and model_path.suffix.lower() == ".ckpt":
+        return next_free_dir(run_dir / "report")
+    return next_free_dir(model_path.with_name(f"{model_path.stem}_report"))
+
+
+def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test", out: str | None = None, overwrite: bool = False,
+             device: str = "cpu", batch_size: int = 500, grid: int = 25, download: bool = True) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+    """Classify every image of the split with the model file and write the report. Returns
+    (report folder, metrics)."""
+    model_path = Path(model)
+    clf = load_classifier(model_path, device=device)  # refuses unsafe or foreign files before anything else
+    source = source_checkpoint(model_path, clf)
+    run_cfg = saved_run_config(source)
+    run_dir = run_dir_of(source) if run_cfg else None
+    if split == "val" and not run_cfg:
+        raise ConfigError(f"--split val: {model_path} does not lead to its training run (config.yaml), so its validation split is unknown")
+    target = report_dir(model_path, run_dir, out, overwrite)
+
+    data_dir = data_dir or run_cfg.get("data_dir") or "data"
+    dm = CIFAR10DataModule(
+        data_dir=data_dir, val_size=run_cfg.get("val_size", 5000), split_seed=run_cfg.get("split_seed", 0),
+        source=run_cfg.get("data_source", "auto") if data_dir == run_cfg.get("data_dir") else "auto", download=download,
+    )  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit" if split == "val" else "test")
+    ds = dm.val_set if split == "val" else dm.test_set
+    if len(clf.class_names) != len(dm.classes):
+        raise DataError(f"--data-dir {data_dir}: has {len(dm.classes)} classes, the model predicts {len(clf.class_names)}")
+    if len(ds) == 0:
+        raise DataError(f"--split {split}: no images to evaluate")
+
+    probs = clf.probabilities(ds.images, batch_size)
+    meta = {
+        "model": clf.info.get("model"),
+        "checkpoint": str(model_path),
+        "checkpoint_sha256": sha256_of(model_path),
+        "model_file": str(model_path),
+        "tta": clf.tta,
+        "split": split,
+        "data_dir": str(data_dir),
+    }
+    try:
+        write = lambda tmp: report.write_report(tmp, probs, ds.labels, ds.images, clf.class_names, meta, run_dir=run_dir, grid=grid)  # noqa: E731
+        metrics = atomic_dir(target, write, replace=overwrite)
+    except OSError as e:
+        raise ConfigError(f"--out {target}: cannot write the report ({e.strerror or e})") from None
+    return target, metrics

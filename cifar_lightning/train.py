@@ -1,0 +1,338 @@
+"""One training run in named steps: data, module, trainer, fit and test, results.
+
+    from cifar_lightning import recipes, train
+    results = train.run_training(recipes.build({"preset": "90", "data_dir": "../shared/data/cifar10"}))
+
+Each step is a function a benchmark or a test can call or replace; ``run_training`` strings
+them together and is what ``cifar-train`` runs after resolving its recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from cifar_lightning.callbacks import EpochReport, Lookahead, StepCheckpoint, StopOnSignal, TensorBoardImages
+from cifar_lightning.checkpoint import (
+    atomic_write,
+    atomic_write_text,
+    claim_new_run_dir,
+    classifier_from_checkpoint,
+    is_temp_sibling,
+    load_checkpoint,
+    version_of,
+)
+from cifar_lightning.data import CIFAR10DataModule
+from cifar_lightning.errors import ConfigError, RunInterruptedError, TrainingFailedError
+from cifar_lightning.module import ImageClassifier, NonFiniteLossError
+from cifar_lightning.recipes import TrainConfig, check_model_name, parse_max_time
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that a kill or a full disk can never leave half-done.
+
+    Lightning writes through an fsspec transaction whose temporary file lives in the system
+    temp dir: across file systems the final move is a copy, which a kill can cut short. Here
+    the bytes go through ``checkpoint.atomic_write`` (a hidden sibling, flushed to disk, then
+    renamed); on any error the previous checkpoint is untouched.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: object = None) -> None:
+        path = Path(path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+
+        try:
+            atomic_write(path, write, fsync=True)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """'auto': bf16-mixed where the hardware computes in bf16 natively (CPUs with AVX512-BF16 or
+    AMX, where it trains the fast network about twice as fast as fp32; Ampere or newer GPUs),
+    else 32-true. Emulated bf16 would be slower than fp32."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return "32-true"
+    # torch has no public query for native CPU bf16; this one has been stable since torch 1.12.
+    return "bf16-mixed" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher set it before Lightning starts: 0 for a plain run and
+    for the process that Lightning's DDP launcher starts from; torchrun, SLURM and Lightning's
+    launcher set these variables for the others."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
+def quiet_lightning() -> None:
+    """Silence warnings that do not apply to this design (in-memory data needs no workers)."""
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
+def versions() -> dict[str, str]:
+    """What produced a run: recorded in results.json beside its figures."""
+    try:
+        ours = metadata.version("cifar-lightning")
+    except metadata.PackageNotFoundError:
+        ours = "unknown"
+    return {"cifar_lightning": ours, "torch": torch.__version__, "lightning": L.__version__, "python": sys.version.split()[0]}
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def build_data(cfg: TrainConfig) -> CIFAR10DataModule:
+    """Step 1: the data module, loaded and split. Data problems surface here, before a run
+    directory exists."""
+    dm = CIFAR10DataModule(
+        data_dir=cfg.data_dir, batch_size=cfg.batch_size, val_size=cfg.val_size, split_seed=cfg.split_seed,
+        limit_train_images=cfg.limit_train_images, augment=cfg.augment, augment_options=cfg.augment_options(),
+        source=cfg.data_source, num_workers=cfg.num_workers, download=cfg.download, shuffle_seed=cfg.seed,
+    )  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+@dataclass
+class RunStart:
+    """Where a run starts: its module, its folder and, when resuming, the checkpoint."""
+
+    module: ImageClassifier
+    run_dir: Path
+    resume_ckpt: Path | None
+
+
+def build_module(cfg: TrainConfig, classes: list[str]) -> RunStart:
+    """Step 2: the module (fresh, from --init-from weights, or resumed) and its run folder."""
+    if cfg.resume:
+        resume_ckpt = Path(cfg.resume)
+        module = classifier_from_checkpoint(load_checkpoint(resume_ckpt), resume_ckpt)
+        run_dir = resume_ckpt.parent.parent
+        if version_of(run_dir) is None or resume_ckpt.parent.name != "checkpoints":
+            raise ConfigError(f"--resume {resume_ckpt}: expected a checkpoint inside LOG_DIR/version_N/checkpoints/")
+    else:
+        resume_ckpt = None
+        try:
+            module = ImageClassifier(
+                model=cfg.model, num_classes=len(classes), lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+                schedule=cfg.schedule, momentum=cfg.momentum, label_smoothing=cfg.label_smoothing, class_names=classes,
+                model_args=cfg.model_args(), norm_bias_lr_scale=cfg.norm_bias_lr_scale, warmup_fraction=cfg.warmup_fraction,
+                whiten_bias_epochs=cfg.whiten_bias_epochs, tta=cfg.tta,
+            )  # fmt: skip
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if cfg.init_from:
+            load_init_weights(module, cfg)
+        # Under DDP only rank 0 claims a run directory; Lightning broadcasts its checkpoint
+        # folder to the other processes, which write nothing of their own.
+        rank = launch_rank()
+        run_dir = claim_new_run_dir(Path(cfg.log_dir)) if rank == 0 else Path(cfg.log_dir) / f".rank{rank}"
+    if cfg.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+        module.channels_last = True
+    return RunStart(module, run_dir, resume_ckpt)
+
+
+def load_init_weights(module: ImageClassifier, cfg: TrainConfig) -> None:
+    """--init-from: the network's weights from another run (a refit), nothing of its state."""
+    src = load_checkpoint(cfg.init_from)
+    if src["hyper_parameters"]["model"] != cfg.model:
+        raise ConfigError(
+            f"--init-from {cfg.init_from}: a {src['hyper_parameters']['model']!r} checkpoint cannot initialise --model {cfg.model!r}"
+        )
+    try:
+        module.net.load_state_dict({k[4:]: v for k, v in src["state_dict"].items() if k.startswith("net.")})
+    except RuntimeError as e:
+        raise ConfigError(f"--init-from {cfg.init_from}: weights do not fit ({str(e).splitlines()[0]})") from None
+
+
+@dataclass
+class Checkpoints:
+    """The run's checkpoint callbacks: best (by val_acc, with a validation split), last (every
+    epoch), steps (every N steps, optional) and the signal handler that saves on a stop."""
+
+    best: ModelCheckpoint | None
+    last: ModelCheckpoint
+    steps: ModelCheckpoint | None
+    stop: StopOnSignal
+
+    def callbacks(self) -> list[L.Callback]:
+        return [c for c in (self.best, self.last, self.steps, self.stop) if c is not None]
+
+    def tested(self) -> str:
+        """The checkpoint the final test reads: the best one with a validation split, else last."""
+        if self.best and self.best.best_model_path:
+            return self.best.best_model_path
+        return self.last.last_model_path or self.last.best_model_path
+
+    def last_good(self) -> str:
+        return self.last.last_model_path or (self.steps.last_model_path if self.steps else "")
+
+
+def build_checkpoints(cfg: TrainConfig, run_dir: Path) -> Checkpoints:
+    folder = run_dir / "checkpoints"
+    # Two callbacks, because Lightning's save_last only refreshes last.ckpt when the monitored
+    # checkpoint is saved (i.e. when val_acc improves): last.ckpt must be the latest epoch.
+    best = ModelCheckpoint(
+        dirpath=folder, filename="best-epoch{epoch:02d}-val_acc{val_acc:.4f}", monitor="val_acc", mode="max",
+        auto_insert_metric_name=False,
+    ) if cfg.val_size > 0 else None  # fmt: skip
+    last = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, enable_version_counter=False)
+    # Mid-epoch saves to the same last.ckpt, so a kill loses at most this many steps; the run
+    # resumes from that exact step (see data.ResumableLoader and the module's RNG state).
+    steps = StepCheckpoint(
+        dirpath=folder, filename="last", monitor=None, enable_version_counter=False,
+        every_n_train_steps=cfg.checkpoint_every_steps, save_on_train_epoch_end=False,
+    ) if cfg.checkpoint_every_steps else None  # fmt: skip
+    return Checkpoints(best, last, steps, StopOnSignal(last))
+
+
+def build_trainer(cfg: TrainConfig, run_dir: Path, classes: list[str], checkpoints: Checkpoints, steps_per_epoch: int,
+                  callbacks: list[L.Callback] | None = None) -> L.Trainer:  # fmt: skip
+    """Step 3: the Trainer with its logger, checkpoints and callbacks. Losses and the learning
+    rate are logged every few steps (at least four times an epoch), so the schedule's warm-up
+    and decay show in TensorBoard even for short runs."""
+    for stale in (run_dir / "checkpoints").glob(".*"):  # left by a run killed mid-write
+        if is_temp_sibling(stale):
+            stale.unlink(missing_ok=True)
+    progress = cfg.progress_bar if cfg.progress_bar is not None else sys.stderr.isatty()
+    logger = TensorBoardLogger(save_dir=str(run_dir.parent), name="", version=run_dir.name, default_hp_metric=False)
+    has_val = cfg.val_size > 0
+    return L.Trainer(
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        precision=resolve_precision(cfg.precision, cfg.accelerator), deterministic=cfg.deterministic,
+        max_time=parse_max_time(cfg.max_time), strategy=cfg.strategy, num_nodes=cfg.num_nodes,
+        logger=logger, plugins=[AtomicCheckpointIO()],
+        callbacks=[
+            *checkpoints.callbacks(), LearningRateMonitor("step"), EpochReport(),
+            TensorBoardImages(classes, every_n_epochs=cfg.log_images_every),
+            *([Lookahead()] if cfg.lookahead else []), *(callbacks or []),
+        ],
+        enable_progress_bar=progress, log_every_n_steps=max(1, min(10, steps_per_epoch // 4)), enable_model_summary=progress,
+        **({} if has_val else {"limit_val_batches": 0, "num_sanity_val_steps": 0}),
+    )  # fmt: skip
+
+
+def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, checkpoints: Checkpoints) -> tuple[dict, str]:
+    """Step 4: train (resuming if asked), then test the chosen checkpoint on the test set.
+    Returns (test metrics, the checkpoint tested)."""
+    try:
+        trainer.fit(start.module, datamodule=dm, ckpt_path=str(start.resume_ckpt) if start.resume_ckpt else None)
+    except SIGTERMException:
+        stop = checkpoints.stop
+        name = stop.signal_name or "SIGTERM"
+        where = f"at epoch {trainer.current_epoch + 1}, step {trainer.global_step}"
+        code = 128 + int(getattr(signal, name))
+        if stop.saved:
+            hint = f"saved {stop.saved}; resume with: cifar-train --resume {stop.saved}"
+            raise RunInterruptedError(f"stopped by {name} {where}; {hint}", code) from None
+        raise RunInterruptedError(f"stopped by {name} {where}", code) from None
+    except NonFiniteLossError as e:
+        kept = checkpoints.last_good()
+        raise TrainingFailedError(f"{e}; stopped{f', the last good checkpoint is {kept}' if kept else ''}") from None
+    if trainer.interrupted:
+        raise ConfigError(f"training interrupted; resume with: cifar-train --resume {start.run_dir / 'checkpoints' / 'last.ckpt'}")
+    tested = checkpoints.tested()
+    return trainer.test(start.module, datamodule=dm, ckpt_path=tested, verbose=False)[0], tested
+
+
+def write_results(cfg: TrainConfig, trainer: L.Trainer, run_dir: Path, test_metrics: dict, tested: str,
+                  checkpoints: Checkpoints, wall: float) -> dict[str, Any]:  # fmt: skip
+    """Step 5: results.json (figures, the exact recipe, versions) and TensorBoard's HPARAMS."""
+    report = next(c for c in trainer.callbacks if isinstance(c, EpochReport))
+    best = checkpoints.best
+    results = {
+        "test_acc": float(test_metrics["test_acc"]),
+        "test_loss": float(test_metrics["test_loss"]),
+        "best_val_acc": float(best.best_model_score) if best and best.best_model_score is not None else None,
+        "best_checkpoint": str(tested),
+        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "epochs_run": trainer.current_epoch,
+        "epoch_seconds": report.epoch_seconds,
+        "train_seconds": report.train_seconds,
+        "wall_seconds": wall,
+        "run_dir": str(run_dir),
+        "versions": versions(),
+        "config": cfg.to_dict(),
+    }
+    if trainer.is_global_zero:
+        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+        # The HPARAMS tab of TensorBoard: this run's configuration next to its final metrics.
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()}
+        final = {"hp/test_acc": results["test_acc"], "hp/test_loss": results["test_loss"]}
+        if results["best_val_acc"] is not None:
+            final["hp/best_val_acc"] = results["best_val_acc"]
+        trainer.logger.log_hyperparams(hparams, final)
+        trainer.logger.finalize("success")
+    return {**results, "global_rank": trainer.global_rank}
+
+
+def run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+    """Train, checkpoint, test on the official test set; returns the results written to
+    results.json in the run directory. ``callbacks`` are added to the Trainer's (benchmarks
+    use this to probe a run without changing it)."""
+    t0 = time.perf_counter()
+    check_model_name(cfg)
+    quiet_lightning()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = build_data(cfg)
+    classes = list(dm.classes)
+    start = build_module(cfg, classes)
+    if launch_rank() == 0:
+        config = {k: v for k, v in cfg.to_dict().items() if k != "resume"}
+        atomic_write_text(start.run_dir / "config.yaml", TrainConfig(**config).to_yaml())
+    checkpoints = build_checkpoints(cfg, start.run_dir)
+    try:
+        steps_per_epoch = -(-len(dm.train_set) // cfg.batch_size)
+        trainer = build_trainer(cfg, start.run_dir, classes, checkpoints, steps_per_epoch, callbacks)
+    except BaseException:
+        if not start.resume_ckpt:  # a new run that never started: leave no empty run directory behind
+            shutil.rmtree(start.run_dir, ignore_errors=True)
+        raise
+    test_metrics, tested = fit_and_test(trainer, start, dm, checkpoints)
+    return write_results(cfg, trainer, start.run_dir, test_metrics, tested, checkpoints, time.perf_counter() - t0)
+
+
+def summary(r: dict[str, Any]) -> str:
+    """What cifar-train prints at the end of a run."""
+    per_epoch = r["train_seconds"]
+    mean_epoch = sum(per_epoch) / len(per_epoch) if per_epoch else float("nan")
+    return (
+        "\n"
+        f"test accuracy   {r['test_acc']:.4f}   (official test set, {Path(r['best_checkpoint']).name})\n"
+        f"test loss       {r['test_loss']:.4f}\n"
+        f"wall time       {r['wall_seconds']:.1f} s   ({mean_epoch:.1f} s per training epoch, {len(per_epoch)} epochs this session)\n"
+        f"best checkpoint {r['best_checkpoint']}\n"
+        f"results         {Path(r['run_dir']) / 'results.json'}\n"
+        f"watch it        tensorboard --logdir {Path(r['run_dir']).parent}"
+    )
