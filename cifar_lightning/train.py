@@ -36,6 +36,7 @@ from cifar_lightning.checkpoint import (
     classifier_from_checkpoint,
     is_temp_sibling,
     load_checkpoint,
+    non_finite_tensor,
     version_of,
 )
 from cifar_lightning.data import CIFAR10DataModule
@@ -55,6 +56,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: object = None) -> None:
         path = Path(path)
+        bad = non_finite_tensor(checkpoint.get("state_dict", {}))
+        if bad:
+            # Never a poisoned checkpoint: the previous one stays the last good one.
+            raise NonFiniteLossError(f"the weights became non-finite ({bad}) by step {checkpoint.get('global_step')}; not saved")
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
@@ -108,6 +113,26 @@ def versions() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- the steps
+
+
+def check_before_start(cfg: TrainConfig) -> None:
+    """Step 0: what only the installed torch and Lightning can judge, checked before anything is
+    created, so a bad option is one line naming it and never a half-made run directory."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    check_model_name(cfg)
+    if cfg.strategy != "auto" and cfg.strategy not in StrategyRegistry.available_strategies():
+        raise ConfigError(f"--strategy {cfg.strategy!r}: not a Lightning strategy; e.g. auto, ddp, ddp_spawn, fsdp")
+    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--accelerator {cfg.accelerator}: no CUDA GPU is available on this machine")
+    if cfg.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--accelerator mps: MPS is not available on this machine")
+    launched = "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ or {"MASTER_ADDR", "NODE_RANK"} <= set(os.environ)
+    if cfg.num_nodes > 1 and not launched:
+        raise ConfigError(
+            f"--num-nodes {cfg.num_nodes}: start each node with torchrun or SLURM (or set MASTER_ADDR, MASTER_PORT and "
+            "NODE_RANK); without them the processes would wait for each other forever"
+        )
 
 
 def build_data(cfg: TrainConfig) -> CIFAR10DataModule:
@@ -196,7 +221,10 @@ class Checkpoints:
         return self.last.last_model_path or self.last.best_model_path
 
     def last_good(self) -> str:
-        return self.last.last_model_path or (self.steps.last_model_path if self.steps else "")
+        """The newest checkpoint on disk (these callbacks monitor nothing, so Lightning records
+        their file as best_model_path)."""
+        found = [c.last_model_path or c.best_model_path for c in (self.steps, self.last) if c is not None]
+        return next((p for p in found if p and Path(p).is_file()), "")
 
 
 def build_checkpoints(cfg: TrainConfig, run_dir: Path) -> Checkpoints:
@@ -302,7 +330,7 @@ def run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) ->
     results.json in the run directory. ``callbacks`` are added to the Trainer's (benchmarks
     use this to probe a run without changing it)."""
     t0 = time.perf_counter()
-    check_model_name(cfg)
+    check_before_start(cfg)
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_data(cfg)

@@ -1,4 +1,5 @@
-"""Tiny synthetic CIFAR-10 lookalikes in both source formats, and a local fake download."""
+"""Shared test helpers: tiny synthetic CIFAR-10 lookalikes in both source formats, a local fake
+download, the one tiny cifar-train command line, and a malicious checkpoint."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import functools
 import hashlib
 import http.server
 import io
+import os
 import pickle
+import shlex
 import tarfile
 import threading
 from pathlib import Path
@@ -47,20 +50,24 @@ def call(main, argv: list[str]) -> int:
         return int(e.code)
 
 
+def tiny_train_argv(tree: Path | str, logs: Path | str, *extra: str, epochs: int = 1) -> list[str]:
+    """The one tiny cifar-train command line: the seed network on the CPU, 20 validation images,
+    batches of 32, no progress bar. extra comes last, so a flag given there wins over these."""
+    return [
+        "--data-dir", str(tree), "--log-dir", str(logs), "--val-size", "20", "--epochs", str(epochs),
+        "--batch-size", "32", "--accelerator", "cpu", "--no-progress-bar", "--preset", "seed", *extra,
+    ]  # fmt: skip
+
+
 def train_tiny_run(root: Path, *extra: str, epochs: int = 1) -> tuple[Path, Path]:
     """cifar-train on a fresh tiny tree under root, with its own cache: (tree, run dir)."""
-    import os
-
     from cifar_lightning.cli import train_main
 
     tree = write_imagefolder(root / "tree")
     old = os.environ.get("CIFAR_LIGHTNING_CACHE")
     os.environ["CIFAR_LIGHTNING_CACHE"] = str(root / "cache")
     try:
-        code = train_main([
-            "--data-dir", str(tree), "--log-dir", str(root / "logs"), "--val-size", "20", "--epochs", str(epochs),
-            "--batch-size", "32", "--accelerator", "cpu", "--no-progress-bar", "--preset", "seed", *extra,
-        ])  # fmt: skip
+        code = train_main(tiny_train_argv(tree, root / "logs", *extra, epochs=epochs))
     finally:
         if old is None:
             os.environ.pop("CIFAR_LIGHTNING_CACHE", None)
@@ -68,6 +75,31 @@ def train_tiny_run(root: Path, *extra: str, epochs: int = 1) -> tuple[Path, Path
             os.environ["CIFAR_LIGHTNING_CACHE"] = old
     assert code == 0
     return tree, root / "logs" / "version_0"
+
+
+class MaliciousPayload:
+    """Unpickling this runs a shell command that creates the marker file: what a malicious
+    checkpoint carries. A test that finds the marker afterwards caught code being run."""
+
+    def __init__(self, marker: Path | str) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+def write_malicious_checkpoint(path: Path, marker: Path, *, raw_pickle: bool = False) -> Path:
+    """A file shaped like a seed checkpoint (state_dict, hyper_parameters {"model": "seed"}) whose
+    payload, once unpickled, creates marker: written by torch.save, or with raw_pickle as a bare
+    pickle stream."""
+    ckpt = {"state_dict": {}, "hyper_parameters": {"model": "seed"}, "payload": MaliciousPayload(marker)}
+    if raw_pickle:
+        path.write_bytes(pickle.dumps(ckpt))
+    else:
+        import torch
+
+        torch.save(ckpt, path)
+    return path
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from conftest import write_imagefolder
+from conftest import REPO, tiny_train_argv, write_imagefolder
 
 from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.images import CLASSES
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def single_process_metrics(ckpt: Path, tree: Path, stage: str) -> dict[str, float]:
@@ -34,10 +34,10 @@ def test_two_process_ddp_run_reports_the_single_process_metrics(tmp_path: Path) 
     tree = write_imagefolder(tmp_path / "tree", n_train=8, n_test=3, classes=CLASSES[:9])
     logs = tmp_path / "logs"
     env = {**os.environ, "CIFAR_LIGHTNING_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    argv = tiny_train_argv(tree, logs, "--batch-size", "8", "--val-size", "21", "--devices", "2", "--strategy", "ddp",
+                           "--log-images-every", "0", epochs=2)  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), "--data-dir", str(tree), "--log-dir", str(logs), "--preset", "seed",
-         "--epochs", "2", "--batch-size", "8", "--val-size", "21", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-         "--no-progress-bar", "--log-images-every", "0"],
+        [sys.executable, str(REPO / "scripts" / "train.py"), *argv],
         env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

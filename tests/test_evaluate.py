@@ -3,13 +3,14 @@ images logged during training."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import call
+from conftest import call, train_tiny_run, write_malicious_checkpoint
 from PIL import Image
 
 from cifar_lightning.cli import evaluate_main, show_data_main
@@ -21,8 +22,6 @@ FIGURES = ["confusion.png", "confusion_normalized.png", "predictions.png", "misc
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 2-epoch tiny run with TensorBoard images every epoch: (data tree, run dir)."""
-    from conftest import train_tiny_run
-
     return train_tiny_run(tmp_path_factory.mktemp("eval"), "--log-images-every", "1", epochs=2)
 
 
@@ -38,7 +37,7 @@ def test_evaluate_writes_a_full_report_beside_the_run_and_never_overwrites_it(ru
     cm = np.array(metrics["confusion_matrix"])
     assert cm.sum() == metrics["num_images"] == 40  # the whole test split
     assert np.trace(cm) / cm.sum() == pytest.approx(metrics["accuracy"])
-    assert metrics["model"] == "seed" and len(metrics["checkpoint_sha256"]) == 64
+    assert metrics["model"] == "seed" and metrics["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     report_md = (out / "report.md").read_text()
     assert all(f"({name})" in report_md for name in FIGURES)
     printed = capsys.readouterr().out
@@ -72,10 +71,7 @@ def test_evaluate_bad_inputs_give_one_line_and_no_report(run, tmp_path: Path, ca
         ckpt = tmp_path / "garbage.ckpt"
         ckpt.write_bytes(b"\x00\x01garbage")
     elif kind == "malicious":
-        from test_module import _Marker
-
-        ckpt = tmp_path / "evil.ckpt"
-        torch.save({"state_dict": {}, "hyper_parameters": {"model": "seed"}, "x": _Marker(str(marker))}, ckpt)
+        ckpt = write_malicious_checkpoint(tmp_path / "evil.ckpt", marker)
     elif kind == "missing-data":
         extra = ["--data-dir", str(tmp_path / "nowhere"), "--no-download"]
     else:

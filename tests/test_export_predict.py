@@ -3,14 +3,14 @@ malicious and GPU-saved checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import call
+from conftest import call, train_tiny_run, write_malicious_checkpoint
 from PIL import Image
 
 from cifar_lightning import load_classifier
@@ -23,12 +23,10 @@ from cifar_lightning.inference import as_uint8_batch
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 1-epoch tiny run, exported to every format."""
-    from conftest import train_tiny_run
-
     root = tmp_path_factory.mktemp("export")
     tree, run_dir = train_tiny_run(root, "--log-images-every", "0")
     (ckpt,) = (run_dir / "checkpoints").glob("best-*.ckpt")
-    paths = {"tree": tree, "ckpt": ckpt, "root": root}
+    paths = {"tree": tree, "ckpt": ckpt, "root": root, "run": run_dir}
     for fmt in ("safetensors", "onnx", "torchscript"):
         paths[fmt] = root / f"model.{fmt}"
         assert call(export_main, [str(ckpt), "--format", fmt, "--out", str(paths[fmt])]) == 0
@@ -55,7 +53,11 @@ def test_sidecar_carries_what_is_needed_to_use_the_model(trained) -> None:
     assert meta["model"] == "seed" and meta["model_args"]["num_classes"] == 10
     assert meta["class_names"][0] == "airplane" and meta["input_size"] == [3, 32, 32]
     assert meta["mean"] == [0.4914, 0.4822, 0.4465] and meta["std"] == [0.2470, 0.2435, 0.2616]
-    assert len(meta["source_sha256"]) == 64 and meta["test_accuracy"] is not None
+    assert meta["source_sha256"] == hashlib.sha256(trained["ckpt"].read_bytes()).hexdigest()
+    # the exported checkpoint is the one the run tested: the sidecar carries that run's test accuracy
+    results = json.loads((trained["run"] / "results.json").read_text())
+    assert Path(results["best_checkpoint"]) == trained["ckpt"]
+    assert meta["test_accuracy"] == pytest.approx(results["test_acc"])
     onnx_meta = json.loads((trained["root"] / "model.onnx.json").read_text())
     assert onnx_meta["check"]["max_abs_logit_diff"] < 1e-4 and onnx_meta["check"]["same_top1"] == onnx_meta["check"]["images"]
 
@@ -170,19 +172,10 @@ def test_unusable_models_give_one_line_and_exit_2(trained, tmp_path: Path, capsy
         load_classifier(model)
 
 
-class _Marker:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
-
 @pytest.mark.parametrize("cli", ["predict", "evaluate", "export"])
 def test_a_malicious_checkpoint_is_refused_by_every_cli_and_never_runs(trained, tmp_path: Path, capsys, cli: str) -> None:
     marker = tmp_path / "pwned"
-    evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"model": "seed"}, "payload": _Marker(str(marker))}, evil)
+    evil = write_malicious_checkpoint(tmp_path / "evil.ckpt", marker)
     argv = {
         "predict": (predict_main, [str(evil), str(sample_images(trained["tree"])[0])]),
         "evaluate": (evaluate_main, [str(evil), "--data-dir", str(trained["tree"]), "--out", str(tmp_path / "r")]),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import train_tiny_run
+from conftest import call, train_tiny_run
 
 from cifar_lightning import cli, models, recipes, train
 from cifar_lightning.checkpoint import load_checkpoint
@@ -99,13 +100,12 @@ def test_default_is_the_fast_preset_and_flags_override_it() -> None:
 
 @pytest.mark.parametrize("bad", [["--preset", "99"], ["--widths", "64,256"], ["--widths", "a,b,c"], ["--tta", "5"]])
 def test_bad_preset_flags_exit_2_with_one_line(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    from conftest import call
-
     assert call(cli.train_main, bad) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_fast_run_whitens_once_and_a_resume_keeps_it(tmp_path: Path) -> None:
     tree, run = train_tiny_run(tmp_path, "--preset", "94", "--epochs", "1", "--val-size", "20", "--widths", "8,16,16")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -114,9 +114,6 @@ def test_fast_run_whitens_once_and_a_resume_keeps_it(tmp_path: Path) -> None:
     sd = ckpt["state_dict"]
     assert bool(sd["net.whitening_ready"]) and sd["net.whiten.weight"].abs().sum() > 0
     assert ckpt["hyper_parameters"]["tta"] == 2 and ckpt["hyper_parameters"]["model_args"] == {"widths": [8, 16, 16]}
-
-    from conftest import call
-
     code = call(cli.train_main, ["--resume", str(run / "checkpoints" / "last.ckpt"), "--epochs", "2", "--accelerator", "cpu",
                                  "--no-progress-bar", "--data-dir", str(tree)])  # fmt: skip
     assert code == 0
@@ -132,7 +129,7 @@ def test_a_refit_or_resume_keeps_the_recipe_of_the_run_it_starts_from(tmp_path: 
     refit = cli.resolve_train_config(["--init-from", ckpt, "--augment", "seed", "--epochs", "10"])
     assert (refit.preset, refit.model, refit.optimizer, refit.epochs) == ("seed", "seed", "adam", 10)
     resumed = cli.resolve_train_config(["--resume", ckpt])
-    assert (resumed.preset, resumed.model, resumed.data_dir) == ("seed", "seed", "somewhere")
+    assert (resumed.preset, resumed.model, resumed.data_dir) == ("seed", "seed", os.path.abspath("somewhere"))  # paths: absolute
     (run / "config.yaml").write_text(yaml.safe_dump({"preset": "90", "model": "fast", "widths": [32, 128, 128]}))
     assert cli.resolve_train_config(["--init-from", ckpt]).widths == [32, 128, 128]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_imagefolder
+from conftest import REPO, tiny_train_argv, write_imagefolder
 
 from cifar_lightning.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 # Runs cifar-train; PAUSE_AT=train:N|val:N|save:N makes the N-th training step, validation
 # batch or checkpoint write announce itself in MARKER and sleep, so the test can kill it there.
@@ -69,12 +70,14 @@ sys.exit(train_main(sys.argv[1:]))
 """
 
 
-def train_args(tree: Path, logs: Path, *extra: str) -> list[str]:
-    return [
-        "--data-dir", str(tree), "--log-dir", str(logs), "--preset", "seed", "--epochs", "3", "--batch-size", "16",
-        "--val-size", "20", "--seed", "7", "--deterministic", "--accelerator", "cpu", "--no-progress-bar",
-        "--checkpoint-every-steps", "1", "--log-images-every", "0", *extra,
-    ]  # fmt: skip
+# The fault runs: 3 epochs of batches of 16, seeded and deterministic, so a resumed run must end
+# on exactly the metrics of an unbroken one. EVERY_STEP adds a checkpoint after every step.
+FAULT_FLAGS = ("--batch-size", "16", "--seed", "7", "--deterministic", "--log-images-every", "0")
+EVERY_STEP = ("--checkpoint-every-steps", "1")
+
+
+def train_args(tree: Path, logs: Path, *extra: str, every_step: bool = True) -> list[str]:
+    return tiny_train_argv(tree, logs, *FAULT_FLAGS, *(EVERY_STEP if every_step else ()), *extra, epochs=3)
 
 
 def run(argv: list[str], env: dict, pause: str = "", marker: Path | None = None, kill: int | None = None):  # noqa: ANN201
@@ -134,8 +137,7 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_naming_it(tiny, unbroken,
     tree, env = tiny
     logs, marker = tmp_path / "logs", tmp_path / "marker"
     # No periodic checkpoints: the one on disk after the signal is the one the signal saved.
-    args = [a for a in train_args(tree, logs) if a not in ("--checkpoint-every-steps", "1")]
-    code, out, err = run(args, env, pause=f"train:{step}", marker=marker, kill=sig)
+    code, out, err = run(train_args(tree, logs, every_step=False), env, pause=f"train:{step}", marker=marker, kill=sig)
     last = logs / "version_0" / "checkpoints" / "last.ckpt"
     assert code == 128 + sig, err[-2000:]
     lines = err.strip().splitlines()
@@ -151,22 +153,25 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_naming_it(tiny, unbroken,
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny, tmp_path: Path) -> None:
     tree, env = tiny
     logs = tmp_path / "logs"
-    args = [a for a in train_args(tree, logs) if a not in ("--checkpoint-every-steps", "1")]
-    code, _, err = run([*args, "--lr", "1e30", "--epochs", "5"], env)
+    # lr 1e30: the first step's weights are huge but finite, the next step's loss is not. With a
+    # checkpoint after every step, the run has a good checkpoint when the loss breaks.
+    code, _, err = run(train_args(tree, logs, "--lr", "1e30", "--epochs", "5"), env)
     assert code == 1
     line = err.strip().splitlines()[-1]
-    assert "the training loss became" in line and "at step" in line and "Traceback" not in err
+    assert "the training loss became" in line and "Traceback" not in err
     last = logs / "version_0" / "checkpoints" / "last.ckpt"
-    if "last good checkpoint" in line:
-        weights = load_checkpoint(last)["state_dict"]
-        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert line.endswith(f"; stopped, the last good checkpoint is {last}"), line
+    step = re.search(r" at step (\d+) ", line)
+    assert step, line
+    kept = load_checkpoint(last)
+    assert kept["global_step"] == int(step.group(1))  # saved right before the step whose loss broke
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
 
 
 def test_a_full_disk_is_one_clear_line_and_earlier_checkpoints_stay_intact(tiny, tmp_path: Path) -> None:
     tree, env = tiny
     logs = tmp_path / "logs"
-    args = [a for a in train_args(tree, logs) if a not in ("--checkpoint-every-steps", "1")]
-    assert run([*args, "--epochs", "1"], env)[0] == 0
+    assert run(train_args(tree, logs, "--epochs", "1", every_step=False), env)[0] == 0
     last = logs / "version_0" / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
     # The resumed run's next checkpoint write fails as a full disk would.

@@ -6,6 +6,7 @@ exactly what moved instead of letting resume or DDP evaluation break quietly."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import signal
 
 import pytest
@@ -25,7 +26,7 @@ def test_the_lightning_names_we_import_still_exist(module: str, name: str, used_
         found = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         pytest.fail(f"{module}.{name} is gone from this Lightning release; it is needed for {used_for}")
-    assert found is not None
+    assert inspect.isclass(found), f"{module}.{name} is no longer a class; it is needed for {used_for}"
 
 
 def test_the_trainer_installs_a_callable_sigterm_handler_that_ctrl_c_can_call(tmp_path) -> None:

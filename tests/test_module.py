@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_malicious_checkpoint
 
 from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
 from cifar_lightning.data import CIFAR10DataModule
@@ -60,16 +60,6 @@ def test_checkpoint_round_trip_rebuilds_the_network(tmp_path: Path) -> None:
     assert torch.equal(model(x), again(x))
 
 
-class _Marker:
-    """Unpickling this would create a file: the kind of payload weights_only must refuse."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.path),))
-
-
 BAD_CHECKPOINTS = ["missing", "random", "empty", "truncated", "foreign", "malicious", "malicious-raw-pickle", "wrong-shapes"]
 
 
@@ -88,10 +78,9 @@ def test_unusable_checkpoints_raise_one_clear_error(tmp_path: Path, kind: str) -
     elif kind == "foreign":
         torch.save({"weights": torch.zeros(3)}, path)
     elif kind == "malicious-raw-pickle":
-        with open(path, "wb") as f:
-            pickle.dump({"state_dict": {}, "hyper_parameters": {"model": "seed"}, "x": _Marker(str(marker))}, f)
+        write_malicious_checkpoint(path, marker, raw_pickle=True)
     elif kind == "malicious":
-        torch.save({"state_dict": {}, "hyper_parameters": {"model": "seed"}, "x": _Marker(str(marker))}, path)
+        write_malicious_checkpoint(path, marker)
     elif kind == "wrong-shapes":
         ckpt = {"state_dict": good.state_dict(), "hyper_parameters": {**good.hparams, "num_classes": 7}}
         torch.save(ckpt, path)

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import REAL_DATA
 
 from cifar_lightning.cli import train_main
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
-pytestmark = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"{REAL_DATA} is absent")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"{REAL_DATA} is absent")]
 
 
 def test_seed_network_one_epoch_on_5000_real_images_beats_35_percent(tmp_path: Path) -> None:
