@@ -61,10 +61,17 @@ def atomic_write(
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         result = check(tmp) if check else None
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it: some writers use 0600 temp files
         os.replace(tmp, path)
         return result
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -72,20 +79,52 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_dir(path: str | Path, write: Callable[[Path], T], replace: bool = False) -> T:
-    """write(tmp_dir) fills a hidden temporary folder, which then becomes ``path``. An existing
-    ``path`` is replaced only when ``replace`` is set, and only once the new one is whole."""
+    """write(tmp_dir) fills a hidden temporary folder, which then becomes ``path``. An empty
+    ``path`` (e.g. one claimed with ``claim_free_dir``) is taken over; a non-empty one is
+    replaced only when ``replace`` is set, and only once the new one is whole."""
     path = Path(path)
     tmp = temp_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         result = write(tmp)
-        if replace and path.exists():
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        elif replace and path.exists():
             shutil.rmtree(path)
         os.rename(tmp, path)  # fails (FileExistsError/OSError) if someone else took path meanwhile
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def claim_free_dir(base: Path) -> Path:
+    """Create and return base, or base_2, base_3...: the first free one. mkdir is atomic, so
+    two processes started at once never pick (and then replace) the same folder."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    n, candidate = 1, base
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}_{n}")
+
+
+def refuse_overlap(out: Path, inputs: dict[str, Path | None], inside: dict[str, Path | None] | None = None) -> None:
+    """An output may not be, or contain, any of ``inputs`` (a user's checkpoint, run or data),
+    nor lie inside any of ``inside`` (e.g. the data dir, where report PNGs would become training
+    images): refused whatever --overwrite says."""
+    target = Path(os.path.abspath(out))
+    for what, path in inputs.items():
+        if path is not None:
+            p = Path(os.path.abspath(path))
+            if target == p or target in p.parents:
+                raise ConfigError(f"--out {out}: would overwrite the {what} {path}; choose another path")
+    for what, path in (inside or {}).items():
+        if path is not None and Path(os.path.abspath(path)) in target.parents:
+            raise ConfigError(f"--out {out}: lies inside the {what} {path}; choose a path outside it")
 
 
 def sha256_of(path: str | Path) -> str:
@@ -130,7 +169,52 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in (ckpt.get("hyper_parameters") or {}):
         raise CheckpointError(f"{path}: not a cifar-lightning ImageClassifier checkpoint (no state_dict / model name)")
+    if not isinstance(ckpt["state_dict"], dict) or not isinstance(ckpt["hyper_parameters"], dict):
+        raise CheckpointError(f"{path}: not a cifar-lightning ImageClassifier checkpoint (malformed state_dict / hyper_parameters)")
+    bad = non_finite_tensor(ckpt["state_dict"])
+    if bad:
+        raise CheckpointError(f"{path}: refused: weight {bad} holds NaN or infinite values (a diverged run)")
     return ckpt
+
+
+def network_spec_problem(model: Any, model_args: Any, class_names: Any, num_classes: Any = None) -> str | None:
+    """What is wrong with a network description read from a file (checkpoint hyper-parameters
+    or export metadata), or None. Such a file is input like any other: it must not reach the
+    network's constructor with a string for a list or a zero for a scale."""
+    import math
+
+    if not isinstance(model, str):
+        return f"'model' must be a network name, got {type(model).__name__}"
+    if model_args is not None and not isinstance(model_args, dict):
+        return "'model_args' must be a mapping"
+
+    def positive(v: Any) -> bool:
+        if isinstance(v, (list, tuple)):
+            return 0 < len(v) <= 16 and all(positive(x) for x in v)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    for key, value in (model_args or {}).items():
+        if not positive(value):
+            return f"'model_args.{key}' must be a positive finite number (or a short list of them), got {value!r}"
+    n = num_classes if num_classes is not None else (model_args or {}).get("num_classes")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 100_000):
+        return f"'num_classes' must be a positive integer, got {n!r}"
+    if class_names is not None:
+        if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+            return "'class_names' must be a list of names"
+        if n is not None and len(class_names) != n:
+            return f"'class_names' names {len(class_names)} classes for a {n}-class network"
+    return None
+
+
+def non_finite_tensor(tensors: dict) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or infinity, else None."""
+    import torch
+
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return str(name)
+    return None
 
 
 def classifier_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> ImageClassifier:
@@ -138,15 +222,26 @@ def classifier_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> I
     from cifar_lightning import models
     from cifar_lightning.module import ImageClassifier
 
-    name = ckpt["hyper_parameters"]["model"]
-    if not isinstance(name, str) or name not in models.MODELS:
+    hp = ckpt["hyper_parameters"]
+    problem = network_spec_problem(hp.get("model"), hp.get("model_args"), hp.get("class_names"), hp.get("num_classes", 10))
+    if problem:
+        raise CheckpointError(f"{path}: unusable hyper-parameters: {problem}")
+    name = hp["model"]
+    if name not in models.MODELS:
         raise CheckpointError(f"{path}: a checkpoint of network {name!r}, which this version does not know ({', '.join(models.MODELS)})")
     try:
         module = ImageClassifier(**ckpt["hyper_parameters"])
         module.load_state_dict(ckpt["state_dict"])
     except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: weights do not fit the network it names ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: weights do not fit the network it names ({state_dict_mismatch(e)})") from None
     return module
+
+
+def state_dict_mismatch(e: BaseException) -> str:
+    """The useful line of torch's load_state_dict error: which tensor, which shapes."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = next((line for line in lines[1:] if "size mismatch" in line or "Missing key" in line or "Unexpected key" in line), "")
+    return f"{lines[0]} {detail}".strip()[:400] if lines else type(e).__name__
 
 
 def run_dir_of(ckpt_path: Path) -> Path | None:

@@ -224,6 +224,7 @@ def export_parser() -> argparse.ArgumentParser:
                    "(default: the checkpoint's own, so the export scores what the checkpoint scored)")  # fmt: skip
     p.add_argument("--data-dir", help="test images for the check (default: the run's data dir)")
     p.add_argument("--check-images", type=_positive_int, default=256, help="test images in the check (default 256)")
+    p.add_argument("--random-check", action="store_true", help="no test images at hand: check on seeded random images (numerics only)")
     p.add_argument("--no-download", dest="download", action="store_false", help="never download CIFAR-10")
     return p
 
@@ -233,13 +234,16 @@ def export_main(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
 
     def body() -> int:
-        from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
-        from cifar_lightning.export import check_images, export
+        from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint, refuse_overlap, sidecar_path
+        from cifar_lightning.export import check_images, export, export_path
 
         ckpt_path = Path(args.checkpoint)
         module = classifier_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
-        out = _new_file(args.out, args.overwrite)
-        images, where = check_images(ckpt_path, args.data_dir, args.check_images, args.download)
+        out = export_path(Path(args.out), args.format)
+        refuse_overlap(out, {"checkpoint": ckpt_path})
+        refuse_overlap(sidecar_path(out), {"checkpoint": ckpt_path})
+        out = _new_file(str(out), args.overwrite)
+        images, where = check_images(ckpt_path, args.data_dir, args.check_images, args.download, args.random_check)
         try:
             check = export(module, ckpt_path, args.format, out, images, tta=args.tta)
         except OSError as e:
@@ -277,39 +281,21 @@ def predict_main(argv: list[str] | None = None) -> int:
     args = predict_parser().parse_args(argv)
 
     def body() -> int:
-        import torch
-
-        from cifar_lightning.errors import ImageError
-        from cifar_lightning.images import load_image
-        from cifar_lightning.inference import device_for, expand_inputs, load_classifier
+        from cifar_lightning.inference import device_for, expand_inputs, load_classifier, predict_files
 
         clf = load_classifier(args.model, device=device_for(args.accelerator))
         files = expand_inputs(args.paths)
         if not files:
             raise ConfigError("no image files found in the given paths")
-        results: list[dict[str, Any]] = []
-        good, images = [], []
-        for f in files:
-            try:
-                images.append(torch.from_numpy(load_image(f)).permute(2, 0, 1))
-                good.append(len(results))
-                results.append({"path": str(f)})
-            except ImageError as e:
-                results.append({"path": str(f), "error": str(e)})
-        if images:
-            probs = clf.probabilities(torch.stack(images), args.batch_size)
-            for i, top in zip(good, clf.top_k(probs, args.top_k), strict=True):
-                results[i]["top_k"] = top
+        results = predict_files(clf, files, args.top_k, args.batch_size)
         if args.json:
-            print(json.dumps(results, indent=2))
+            print(json.dumps(results, indent=2, allow_nan=False))
         for r in results if not args.json else []:
             if "error" in r:
                 print(f"error: {r['error']}", file=sys.stderr)
                 continue
-            print(r["path"])
-            for t in r["top_k"]:
-                print(f"  {t['class']:<12} {t['probability']:.4f}")
-        return 0 if len(good) == len(results) else 1
+            print(r["path"] + "".join(f"\n  {t['class']:<12} {t['probability']:.4f}" for t in r["top_k"]))
+        return 0 if all("top_k" in r for r in results) else 1
 
     return _guarded("cifar-predict", body)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_lightning import report
-from cifar_lightning.checkpoint import atomic_dir, run_dir_of, sha256_of
+from cifar_lightning.checkpoint import atomic_dir, claim_free_dir, refuse_overlap, run_dir_of, sha256_of
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.errors import ConfigError, DataError
 from cifar_lightning.inference import Classifier, load_classifier
@@ -27,18 +27,10 @@ def source_checkpoint(model_path: Path, clf: Classifier) -> Path:
     return Path(src) if isinstance(src, str) and model_path.suffix.lower() != ".ckpt" else model_path
 
 
-def next_free_dir(base: Path) -> Path:
-    """base, or base_2, base_3... : the first that does not exist."""
-    n, candidate = 1, base
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}_{n}")
-    return candidate
-
-
 def report_dir(model_path: Path, run_dir: Path | None, out: str | None, overwrite: bool) -> Path:
     """--out as given (refusing to replace a non-empty one without --overwrite), else report/
-    beside a checkpoint's run, else <file>_report beside the file; _2, _3... when taken."""
+    beside a checkpoint's run, else <file>_report beside the file; _2, _3... when taken (the
+    default is claimed at once, so two evaluations never write the same folder)."""
     if out:
         path = Path(out)
         if path.exists() and not path.is_dir():
@@ -47,8 +39,8 @@ def report_dir(model_path: Path, run_dir: Path | None, out: str | None, overwrit
             raise ConfigError(f"--out {path}: exists and is not empty; pass --overwrite or choose another folder")
         return path
     if run_dir is not None and model_path.suffix.lower() == ".ckpt":
-        return next_free_dir(run_dir / "report")
-    return next_free_dir(model_path.with_name(f"{model_path.stem}_report"))
+        return claim_free_dir(run_dir / "report")
+    return claim_free_dir(model_path.with_name(f"{model_path.stem}_report"))
 
 
 def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test", out: str | None = None, overwrite: bool = False,
@@ -62,9 +54,16 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     run_dir = run_dir_of(source) if run_cfg else None
     if split == "val" and not run_cfg:
         raise ConfigError(f"--split val: {model_path} does not lead to its training run (config.yaml), so its validation split is unknown")
-    target = report_dir(model_path, run_dir, out, overwrite)
-
+    if not data_dir and run_cfg.get("data_dir") and not Path(run_cfg["data_dir"]).is_dir():
+        # Never download into (and leave behind) a folder the run merely recorded.
+        raise DataError(f"the run's data dir {run_cfg['data_dir']} is gone; pass --data-dir")
     data_dir = data_dir or run_cfg.get("data_dir") or "data"
+    if out:
+        refuse_overlap(Path(out), {"model file": model_path, "source checkpoint": source, "training run": run_dir,
+                                   "data dir": Path(data_dir)}, inside={"data dir": Path(data_dir)})  # fmt: skip
+    if out:
+        report_dir(model_path, run_dir, out, overwrite)  # refuse a bad --out before the work
+
     dm = CIFAR10DataModule(
         data_dir=data_dir, val_size=run_cfg.get("val_size", 5000), split_seed=run_cfg.get("split_seed", 0),
         source=run_cfg.get("data_source", "auto") if data_dir == run_cfg.get("data_dir") else "auto", download=download,
@@ -87,6 +86,7 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
         "split": split,
         "data_dir": str(data_dir),
     }
+    target = report_dir(model_path, run_dir, out, overwrite)
     try:
         write = lambda tmp: report.write_report(tmp, probs, ds.labels, ds.images, clf.class_names, meta, run_dir=run_dir, grid=grid)  # noqa: E731
         metrics = atomic_dir(target, write, replace=overwrite)

@@ -29,6 +29,18 @@ if TYPE_CHECKING:
     from cifar_lightning.module import ImageClassifier
 
 FORMATS = ("safetensors", "onnx", "torchscript")
+SUFFIXES = {"safetensors": (".safetensors",), "onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript")}
+MODEL_SUFFIXES = {".ckpt", ".pth", ".json", *(s for ss in SUFFIXES.values() for s in ss)}
+
+
+def export_path(out: Path, fmt: str) -> Path:
+    """--out with the format's suffix: added when missing (model -> model.onnx); a suffix of
+    another model format is refused, so a file never claims to be what it is not."""
+    if out.suffix.lower() in SUFFIXES[fmt]:
+        return out
+    if out.suffix.lower() in MODEL_SUFFIXES:
+        raise ExportError(f"--out {out}: a {out.suffix} name for a {fmt} export; use {' or '.join(SUFFIXES[fmt])}")
+    return out.with_name(out.name + SUFFIXES[fmt][0])
 
 
 def known_test_accuracy(ckpt_path: Path) -> float | None:
@@ -152,11 +164,10 @@ def _compare(expected: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
     return result
 
 
-def check_images(ckpt_path: Path, data_dir: str | None, n: int, download: bool) -> tuple[torch.Tensor, str]:
+def check_images(ckpt_path: Path, data_dir: str | None, n: int, download: bool, random_ok: bool = False) -> tuple[torch.Tensor, str]:
     """Normalised real test images for the export check, and where they came from. Without a
-    usable data dir: seeded random images, said so (the check then proves numerics only)."""
-    import sys
-
+    usable data dir the check never degrades silently: it refuses, unless ``random_ok`` asks
+    for seeded random images (which prove the numerics, not the accuracy)."""
     import torch
 
     from cifar_lightning.data import CIFAR10DataModule
@@ -164,7 +175,11 @@ def check_images(ckpt_path: Path, data_dir: str | None, n: int, download: bool) 
     from cifar_lightning.images import normalize
     from cifar_lightning.recipes import saved_run_config
 
-    data_dir = data_dir or saved_run_config(ckpt_path).get("data_dir")
+    recorded = saved_run_config(ckpt_path).get("data_dir")
+    problem = "the checkpoint's run records no data dir"
+    if not data_dir and recorded and not Path(recorded).is_dir():
+        problem, recorded = f"the run's data dir {recorded} is gone", None  # never download into it
+    data_dir = data_dir or recorded
     if data_dir:
         try:
             dm = CIFAR10DataModule(data_dir=data_dir, download=download)
@@ -173,6 +188,8 @@ def check_images(ckpt_path: Path, data_dir: str | None, n: int, download: bool) 
             idx = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(0))[:n]
             return normalize(test.images[idx]), f"{len(idx)} test images of {data_dir}"
         except DataError as e:
-            print(f"cifar-export: note: {e}; checking on random images instead", file=sys.stderr)
+            problem = str(e)
+    if not random_ok:
+        raise ExportError(f"no test images to check the export on ({problem}); pass --data-dir, or --random-check for random images")
     g = torch.Generator().manual_seed(0)
-    return normalize(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)), f"{n} random images"
+    return normalize(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)), f"{n} seeded random images (numerics only)"

@@ -30,6 +30,10 @@ MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 IMAGE_SIZE = 32
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Larger images are refused before their pixels are decoded (a small file can declare a huge
+# image: a decompression bomb). 40 megapixels is a 7300x5500 photo. JPEGs are decoded at a
+# reduced scale first (see ``load_image``), so a larger JPEG still costs little memory.
+MAX_PIXELS = 40_000_000
 
 
 def normalize(images: torch.Tensor, mean: Any = MEAN, std: Any = STD) -> torch.Tensor:
@@ -76,7 +80,11 @@ def to_rgb32(image: Any) -> np.ndarray:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """An image file -> (32, 32, 3) uint8 RGB; ImageError naming the file otherwise."""
+    """An image file -> (32, 32, 3) uint8 RGB; ImageError naming the file otherwise.
+
+    Memory stays bounded: a JPEG is decoded at the smallest of its 1/2, 1/4, 1/8 scales that
+    still holds 4x the output size (``draft``), and any image declaring more than MAX_PIXELS
+    after that is refused before decoding."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -86,6 +94,10 @@ def load_image(path: str | Path) -> np.ndarray:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file")
         with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageError(f"{path}: {im.width}x{im.height} pixels is over the {MAX_PIXELS // 1_000_000} megapixel limit")
             im.load()  # decode now: a truncated file fails here, not later
             return to_rgb32(im)
     except ImageError:
@@ -94,5 +106,7 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: no such file") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image PIL can read") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: refused, a decompression bomb ({e})") from None
+    except (OSError, ValueError, SyntaxError, MemoryError) as e:
         raise ImageError(f"{path}: unreadable image ({e})") from None

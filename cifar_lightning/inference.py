@@ -77,11 +77,18 @@ def network_from_safetensors(path: Path, meta: dict) -> torch.nn.Module:
         weights = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+    from cifar_lightning.checkpoint import non_finite_tensor
+
+    bad = non_finite_tensor(weights)
+    if bad:
+        raise ModelError(f"{path}: refused: weight {bad} holds NaN or infinite values")
     try:
         net = models.build(meta["model"], **meta.get("model_args", {}))
         net.load_state_dict(weights)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise ModelError(f"{path}: weights do not fit network {meta['model']!r} ({str(e).splitlines()[0]})") from None
+        from cifar_lightning.checkpoint import state_dict_mismatch
+
+        raise ModelError(f"{path}: weights do not fit network {meta['model']!r} ({state_dict_mismatch(e)})") from None
     return net.eval()
 
 
@@ -100,9 +107,20 @@ class OnnxNetwork:
         if shape is None or len(shape) != 4 or list(shape[1:]) != [3, IMAGE_SIZE, IMAGE_SIZE]:
             raise ModelError(f"{path}: an ONNX model of another kind (expects input {shape}, not N x 3 x 32 x 32)")
         self.input_name = inputs[0].name
+        # A graph exported for a fixed batch (often 1) is run in pieces of that size.
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: x.float().cpu().contiguous().numpy()})[0])
+        x = x.float().cpu().contiguous()
+        n = self.fixed_batch
+        if n is None or len(x) == n:
+            return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
+        outs = []
+        for i in range(0, len(x), n):
+            part = x[i : i + n]
+            padded = torch.cat([part, part.new_zeros(n - len(part), *part.shape[1:])]) if len(part) < n else part
+            outs.append(torch.from_numpy(self.session.run(None, {self.input_name: padded.numpy()})[0][: len(part)]))
+        return torch.cat(outs)
 
     def eval(self) -> OnnxNetwork:
         return self
@@ -126,24 +144,18 @@ def read_sidecar(model_path: Path, required: bool) -> dict:
 
 def check_metadata(meta: dict, where: Path | str) -> None:
     """Export metadata is input like any other: wrong types or values give one ModelError."""
+    from cifar_lightning.checkpoint import network_spec_problem
 
-    def numbers(key: str, positive: bool = False) -> None:
+    problem = network_spec_problem(meta.get("model"), meta.get("model_args", {}), meta.get("class_names"))
+    for key, positive in (("mean", False), ("std", True)):
         v = meta.get(key)
-        if v is None:
-            return
-        ok = isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-        if not ok or not all(math.isfinite(x) and (x > 0 or not positive) for x in v):
-            raise ModelError(f"{where}: {key!r} must be three finite numbers{' > 0' if positive else ''}")
-
-    if not isinstance(meta.get("model", ""), str) or not isinstance(meta.get("model_args", {}), dict):
-        raise ModelError(f"{where}: 'model' must be a network name and 'model_args' a mapping")
-    names = meta.get("class_names")
-    if names is not None and (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)):
-        raise ModelError(f"{where}: 'class_names' must be a list of names")
-    numbers("mean")
-    numbers("std", positive=True)
-    if meta.get("tta", 0) not in TTA_LEVELS:
-        raise ModelError(f"{where}: 'tta' must be one of {TTA_LEVELS}")
+        numbers = isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        if v is not None and not (numbers and all(math.isfinite(x) and (x > 0 or not positive) for x in v)):
+            problem = problem or f"{key!r} must be three finite numbers{' > 0' if positive else ''}"
+    if meta.get("tta", 0) not in TTA_LEVELS or isinstance(meta.get("tta", 0), bool):
+        problem = problem or f"'tta' must be one of {TTA_LEVELS}"
+    if problem:
+        raise ModelError(f"{where}: unusable export metadata: {problem}")
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -176,8 +188,11 @@ class Classifier:
         return torch.cat(out) if out else torch.empty(0, len(self.class_names))
 
     def probabilities(self, batch: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """uint8 (N, 3, 32, 32) -> softmax probabilities (N, C)."""
-        return self.logits(batch, batch_size).softmax(-1)
+        """uint8 (N, 3, 32, 32) -> softmax probabilities (N, C); never NaN or infinite."""
+        probs = self.logits(batch, batch_size).softmax(-1)
+        if not bool(torch.isfinite(probs).all()):
+            raise ModelError(f"{self.source}: the model gives NaN or infinite scores on these images")
+        return probs
 
     def predict(self, images: Sequence[Any] | np.ndarray | torch.Tensor, batch_size: int = 256) -> tuple[list[str], torch.Tensor]:
         """Images (paths, PIL images, uint8 arrays) -> (predicted class names, probabilities (N, C))."""
@@ -199,14 +214,16 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
     from cifar_lightning import models
 
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path}: is a folder, not a model file")
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
-    suffix = path.suffix.lower()
+    suffix = sniff_model_kind(path) or path.suffix.lower()
     if suffix == ".safetensors":
         meta = read_sidecar(path, required=True)
         level = meta.get("tta", 0) if tta is None else tta
         net = models.with_tta(network_from_safetensors(path, meta), level).to(device)
-        return Classifier(net, _class_names(meta, path), meta.get("mean", MEAN), meta.get("std", STD), device, str(path), level, meta)
+        return Classifier(net, _class_names(meta, path), meta.get("mean") or MEAN, meta.get("std") or STD, device, str(path), level, meta)
     if suffix == ".onnx":
         meta = read_sidecar(path, required=False)
         net = OnnxNetwork(path)
@@ -217,7 +234,9 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
             raise ModelError(f"{path}: the ONNX model does not run on a 1 x 3 x 32 x 32 batch ({str(e).splitlines()[0][:200]})") from None
         if tuple(out.shape) != (1, len(names)):
             raise ModelError(f"{path}: an ONNX model of another kind (gives {tuple(out.shape)} outputs, not 1 x {len(names)} class scores)")
-        return Classifier(net, names, meta.get("mean", MEAN), meta.get("std", STD), "cpu", str(path), meta.get("tta", 0), meta)
+        if not bool(torch.isfinite(out).all()):
+            raise ModelError(f"{path}: refused: the ONNX model gives NaN or infinite scores (non-finite weights)")
+        return Classifier(net, names, meta.get("mean") or MEAN, meta.get("std") or STD, "cpu", str(path), meta.get("tta", 0), meta)
     if suffix in (".ckpt", ".pt", ".pth"):
         from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
 
@@ -234,12 +253,49 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
     raise ModelError(f"{path}: unknown model kind {suffix or '(no suffix)'!r}; expected .ckpt, .safetensors or .onnx")
 
 
+def sniff_model_kind(path: Path) -> str | None:
+    """The model kind by the file's first bytes (the suffix may be missing or wrong): a zip
+    archive is a torch checkpoint, an 8-byte length then '{' a safetensors file, a protobuf
+    field 1 varint (ir_version) an ONNX model. None when it is none of them."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04":
+        return ".ckpt"
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000:
+        return ".safetensors"
+    if head[:1] == b"\x08":
+        return ".onnx"
+    return None
+
+
 def _class_names(meta: dict, path: Path) -> list[str]:
     names = meta.get("class_names") or list(CLASSES)
     n = (meta.get("model_args") or {}).get("num_classes")
     if isinstance(n, int) and n != len(names):
         raise ModelError(f"{path}: the metadata names {len(names)} classes for a {n}-class network")
     return list(names)
+
+
+def predict_files(clf: Classifier, files: Sequence[Path], top_k: int = 3, batch_size: int = 256) -> list[dict[str, Any]]:
+    """One result per file, in order: {"path", "top_k": [{"class", "probability"}...]}, or
+    {"path", "error"} for a file that is not a usable image (the others are still predicted)."""
+    results: list[dict[str, Any]] = []
+    good, images = [], []
+    for f in files:
+        try:
+            images.append(torch.from_numpy(load_image(f)).permute(2, 0, 1))
+            good.append(len(results))
+            results.append({"path": str(f)})
+        except ImageError as e:
+            results.append({"path": str(f), "error": str(e)})
+    if images:
+        probs = clf.probabilities(torch.stack(images), batch_size)
+        for i, top in zip(good, clf.top_k(probs, top_k), strict=True):
+            results[i]["top_k"] = top
+    return results
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:

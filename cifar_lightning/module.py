@@ -67,6 +67,8 @@ class ImageClassifier(L.LightningModule):
         self.test_loss = torchmetrics.MeanMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point() and x.dtype != self.dtype:
+            x = x.to(self.dtype)  # true-precision runs (16-true, 64-true...) convert the weights, not the batches
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)

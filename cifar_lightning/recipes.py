@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -262,6 +263,9 @@ def check_value(name: str, value: Any, where: str = "") -> Any:
     elif kind.startswith("str"):
         if not isinstance(value, str):
             raise bad("expects a string")
+    if name == "precision" and value == "16-true":
+        # float16 weights with no loss scaling: Adam's epsilon underflows to 0 and the first step gives NaN.
+        raise ConfigError(f"{prefix}--precision 16-true: float16 weights without loss scaling diverge; use 16-mixed or bf16-mixed")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{prefix}{flag(name)} {value!r}: choose from {', '.join(map(str, meta['choices']))}")
     if "min" in meta and value < meta["min"]:
@@ -353,4 +357,10 @@ def resolve(given: dict[str, Any]) -> TrainConfig:
         saved = saved_run_config(ckpt)
         given["resume"] = str(ckpt)
     refit_of = saved_run_config(Path(given["init_from"])) if given.get("init_from") else None
-    return build(given, saved, refit_of)
+    cfg = build(given, saved, refit_of)
+    # Paths are recorded absolute: a run's config.yaml, and the evaluate/export commands that
+    # read it, must not depend on the directory they are started from.
+    for key in ("data_dir", "log_dir", "init_from", "resume"):
+        if getattr(cfg, key):
+            setattr(cfg, key, os.path.abspath(os.path.expanduser(getattr(cfg, key))))
+    return cfg

@@ -40,7 +40,7 @@ def main() -> None:
     args = p.parse_args()
     ckpt = Path(args.checkpoint)
     module = classifier_from_checkpoint(load_checkpoint(ckpt), ckpt)
-    images, _ = check_images(ckpt, None, 256, download=False)
+    images, _ = check_images(ckpt, None, 256, download=False, random_ok=True)
     tta = module.hparams.tta if args.tta is None else args.tta
     net = with_tta(module.net.eval(), tta)
     with tempfile.TemporaryDirectory() as tmp:

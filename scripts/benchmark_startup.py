@@ -1,0 +1,54 @@
+"""Start-up time of the commands against importing Lightning, measured in one run, alternating.
+Prints figures; asserts nothing.
+
+    python scripts/benchmark_startup.py [--repeats 7]
+
+Each command runs in a fresh interpreter (as a user's shell starts it); the median of the
+repeats is reported, with the ratio against `python -c "import lightning"` timed in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+COMMANDS = {
+    "cifar-train --help": [sys.executable, "-m", "cifar_lightning", "train", "--help"],
+    "cifar-predict --help": [sys.executable, "-m", "cifar_lightning", "predict", "--help"],
+    "cifar-train --print-config": [sys.executable, "-m", "cifar_lightning", "train", "--print-config"],
+    'python -c "import torch"': [sys.executable, "-c", "import torch"],
+    'python -c "import lightning"': [sys.executable, "-c", "import lightning"],
+}
+REFERENCE = 'python -c "import lightning"'
+
+
+def seconds(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args()
+    for cmd in COMMANDS.values():  # warm the file cache once
+        seconds(cmd)
+    times: dict[str, list[float]] = {name: [] for name in COMMANDS}
+    for _ in range(args.repeats):  # alternating, so a slow moment hits every command alike
+        for name, cmd in COMMANDS.items():
+            times[name].append(seconds(cmd))
+    ref = statistics.median(times[REFERENCE])
+    print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, median of {args.repeats}")
+    print(f"{'command':<32}{'seconds':>9}{'vs import lightning':>22}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<32}{med:>9.3f}{med / ref:>21.2f}x")
+
+
+if __name__ == "__main__":
+    main()
