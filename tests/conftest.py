@@ -162,3 +162,17 @@ def fake_cifar10_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     yield url
     server.shutdown()
     server.server_close()
+
+
+def png_bomb(path: Path, side: int = 30000) -> Path:
+    """A ~100 KB PNG declaring side x side pixels: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    body = zlib.compress((b"\x00" + b"\x00" * (side * 3)) * 4, 9)
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import call, tiny_train_argv, train_tiny_run, write_malicious_checkpoint
+from conftest import call, png_bomb, tiny_train_argv, train_tiny_run, write_malicious_checkpoint
 from PIL import Image
 
 from cifar_lightning import load_classifier
@@ -82,6 +82,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     w["bad_yaml"] = root / "bad.yaml"
     w["bad_yaml"].write_text("epochs: [1, 2\n")
     w["good_image"] = next((tree / "test" / "cat").iterdir())
+    w["bomb"] = png_bomb(root / "bomb.png")
+    t = tree_copy("bomb_tree")
+    w["bomb_tree"], w["bomb_in_tree"] = t, png_bomb(t / "train" / "deer" / "zz_bomb.png")
+    ckpt = torch.load(w["ckpt"], map_location="cpu", weights_only=True)
+    ckpt["state_dict"] = {k: v.fill_(float("inf")) if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    w["inf_ckpt"] = root / "diverged.ckpt"
+    torch.save(ckpt, w["inf_ckpt"])
+    w["run_dir"] = w["ckpt"].parent.parent
     return w
 
 
@@ -150,7 +158,20 @@ CASES = [
     Case("train: --resume malicious pickle", train_main, train("@tree", "--resume", "@evil_ckpt"), 2, path_of("evil_ckpt")),
     Case("train: log dir under a file", train_main, lambda w, out: train("@tree", "--log-dir", f"{w['a_file']}/x")(w, out), 2,
          text("--log-dir")),  # fmt: skip
+    Case("train: infinite learning rate", train_main, train("@tree", "--lr", "inf"), 2, text("--lr")),
+    Case("train: label smoothing 1.5", train_main, train("@tree", "--label-smoothing", "1.5"), 2, text("--label-smoothing")),
+    Case("train: unknown strategy", train_main, train("@tree", "--strategy", "nosuch"), 2, text("--strategy")),
+    Case("train: two nodes without a launcher", train_main, train("@tree", "--num-nodes", "2"), 2, text("--num-nodes")),
+    Case("train: seed out of range", train_main, train("@tree", "--seed", "100000000000000000000"), 2, text("--seed")),
+    Case("train: infinite --max-time", train_main, train("@tree", "--max-time", "inf"), 2, text("--max-time")),
+    Case("train: float16 weights", train_main, train("@tree", "--precision", "16-true"), 2, text("--precision")),
+    Case("train: a decompression bomb in a class folder", train_main, train("@bomb_tree"), 2, path_of("bomb_in_tree")),
     # cifar-evaluate
+    Case("evaluate: checkpoint with infinite weights", evaluate_main, args("@inf_ckpt", "--out", "%report"), 2, path_of("inf_ckpt")),
+    Case("evaluate: --out is its own run, even with --overwrite", evaluate_main, args("@ckpt", "--out", "@run_dir", "--overwrite"), 2,
+         text("would overwrite")),  # fmt: skip
+    Case("evaluate: --out inside the data dir", evaluate_main, args("@ckpt", "--data-dir", "@tree", "--out", "@tree"), 2,
+         text("data dir")),  # fmt: skip
     Case("evaluate: missing checkpoint", evaluate_main, args("/no/such.ckpt"), 2, text("/no/such.ckpt")),
     Case("evaluate: random-bytes .ckpt", evaluate_main, args("@random_ckpt", "--out", "%report"), 2, path_of("random_ckpt")),
     Case("evaluate: plain pickle, not a checkpoint", evaluate_main, args("@plain_pickle", "--out", "%report"), 2, path_of("plain_pickle")),
@@ -164,7 +185,14 @@ CASES = [
     Case("export: unknown format", export_main, args("@ckpt", "--format", "tflite", "--out", "%m.tflite"), 2, text("--format")),
     Case("export: malicious pickle", export_main, args("@evil_ckpt", "--format", "safetensors", "--out", "%m.safetensors"), 2,
          path_of("evil_ckpt")),  # fmt: skip
+    Case("export: --out is the checkpoint, even with --overwrite", export_main,
+         args("@ckpt", "--format", "torchscript", "--out", "@ckpt", "--overwrite"), 2, text("a .ckpt name")),  # fmt: skip
+    Case("export: --out with another format's suffix", export_main, args("@ckpt", "--format", "onnx", "--out", "%m.safetensors"), 2,
+         text("m.safetensors")),  # fmt: skip
     # cifar-predict
+    Case("predict: a folder as the model", predict_main, args("@empty_dir", "@good_image"), 2, text("is a folder")),
+    Case("predict: checkpoint with infinite weights", predict_main, args("@inf_ckpt", "@good_image"), 2, path_of("inf_ckpt")),
+    Case("predict: a decompression bomb among good images", predict_main, args("@ckpt", "@good_image", "@bomb"), 1, path_of("bomb")),
     Case("predict: ONNX of a 5-class model", predict_main, args("@foreign_onnx", "@good_image"), 2, path_of("foreign_onnx")),
     Case("predict: ONNX of 64x64 inputs", predict_main, args("@other_input_onnx", "@good_image"), 2, path_of("other_input_onnx")),
     Case("predict: random-bytes .onnx", predict_main, args("@random_onnx", "@good_image"), 2, path_of("random_onnx")),

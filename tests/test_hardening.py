@@ -5,35 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, call, tiny_train_argv, train_tiny_run
+from conftest import REPO, call, png_bomb, tiny_train_argv, train_tiny_run
 
 from cifar_lightning import load_classifier
 from cifar_lightning.cli import evaluate_main, export_main, predict_main, train_main
 from cifar_lightning.errors import ModelError
 
 pytestmark = pytest.mark.slow
-
-
-def png_bomb(path: Path, side: int = 30000) -> Path:
-    """A ~100 KB PNG declaring side x side pixels: a decompression bomb."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    row = b"\x00" + b"\x00" * (side * 3)
-    body = zlib.compress(row * 4, 9)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))  # fmt: skip
-    return path
 
 
 @pytest.fixture(scope="module")
