@@ -124,7 +124,13 @@ class ImageClassifier(L.LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
-        logits = self.tta_logits(x) if stage == "test" else self(x)
+        if stage == "test":
+            # The final test runs in float32 even in a mixed-precision run: it must score the
+            # model users take away, which every export and inference path runs in float32.
+            with torch.autocast(x.device.type, enabled=False):
+                logits = self.tta_logits(x).float()
+        else:
+            logits = self(x)
         loss = F.cross_entropy(logits, y)  # plain CE: comparable across label-smoothing settings
         acc, mean_loss = (self.val_acc, self.val_loss) if stage == "val" else (self.test_acc, self.test_loss)
         acc(logits, y)
