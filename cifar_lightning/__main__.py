@@ -1,4 +1,4 @@
-"""``python -m cifar_lightning train|evaluate|export|predict|show-data [flags]``: the console
+"""``python -m cifar_lightning train|evaluate|export|predict|show-data|serve [flags]``: the console
 scripts without needing them on PATH."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ COMMANDS = {
     "export": cli.export_main,
     "predict": cli.predict_main,
     "show-data": cli.show_data_main,
+    "serve": cli.serve_main,
 }
 
 

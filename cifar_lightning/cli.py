@@ -300,6 +300,56 @@ def predict_main(argv: list[str] | None = None) -> int:
     return _guarded("cifar-predict", body)
 
 
+# ----------------------------------------------------------------------------- serve
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="cifar-serve", description="Serve a model over HTTP: POST /predict, GET /info, GET /health, "
+                      "and a page at / to drop an image on. Batches concurrent requests (LitServe).")  # fmt: skip
+    p.add_argument("model", help="a .ckpt, or a .safetensors / .onnx export (ONNX Runtime is the fastest on a CPU)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="(default 8000)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=32, help="requests run together (default 32; 1: no batching)")
+    p.add_argument("--batch-timeout", type=float, default=0.005, help="seconds a batch waits to fill (default 0.005)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="model workers per device (default 1)")
+    p.add_argument("--accelerator", choices=("cpu", "cuda", "gpu", "mps", "auto"), default="cpu")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="classes per answer unless the request says (default 5)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads are refused unread (default 10)")
+    return p
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """Entry point of cifar-serve."""
+    args = serve_parser().parse_args(argv)
+
+    def body() -> int:
+        if not (0 <= args.port <= 65535 and 0 <= args.batch_timeout < 60 and 0 < args.max_upload_mb <= 1024):
+            raise ConfigError("--port, --batch-timeout or --max-upload-mb out of range")
+        from cifar_lightning.serve import build_server
+
+        server = build_server(args.model, args.max_batch_size, args.batch_timeout, args.workers, args.accelerator, args.top_k,
+                              args.max_upload_mb)  # fmt: skip
+        import signal
+
+        main_pid = os.getpid()
+
+        def stop(signum: int, frame: object) -> None:
+            if os.getpid() != main_pid:  # a forked LitServe process: die as SIGTERM means
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise KeyboardInterrupt  # LitServe's own shutdown path: it stops its workers too
+
+        signal.signal(signal.SIGTERM, stop)
+        print(f"cifar-serve: {args.model} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+        try:
+            server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
+        except KeyboardInterrupt:
+            pass
+        return 0
+
+    return _guarded("cifar-serve", body)
+
+
 # ----------------------------------------------------------------------------- errors -> exit statuses
 
 

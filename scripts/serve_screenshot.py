@@ -1,0 +1,55 @@
+"""The README's screenshot of the cifar-serve page: serve MODEL, open the page in headless
+Chromium at a phone's width, upload IMAGE through the file input, save the page as PNG.
+
+    python scripts/serve_screenshot.py model.onnx ../shared/data/cifar10/test/cat/0000.png docs/serve.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+from playwright.sync_api import sync_playwright
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("image")
+    p.add_argument("out")
+    p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    args = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "cifar_lightning", "serve", args.model, "--port", str(port)])
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=args.chromium, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"])  # fmt: skip
+            page = browser.new_page(viewport={"width": 560, "height": 640})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.set_input_files("#file", args.image)
+            page.wait_for_selector("#top1[data-class]", timeout=60_000)
+            page.screenshot(path=args.out, full_page=True)
+            print(args.out, page.inner_text("#top1"))
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
