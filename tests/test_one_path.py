@@ -111,14 +111,14 @@ def test_help_loads_neither_torch_nor_lightning_and_python_m_runs_each_command()
     probe = (
         "import sys\n"
         "from cifar_lightning import cli\n"
-        "for p in (cli.train_parser, cli.evaluate_parser, cli.export_parser, cli.predict_parser, cli.show_data_parser):\n"
+        "for p in (cli.train_parser, cli.evaluate_parser, cli.export_parser, cli.predict_parser, cli.show_data_parser, cli.serve_parser):\n"
         "    p().format_help()\n"
         "cli.resolve_train_config(['--preset', 'seed'])\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'numpy', 'PIL'}))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.strip() == "[]"
-    for command in ("train", "evaluate", "export", "predict", "show-data"):
+    for command in ("train", "evaluate", "export", "predict", "show-data", "serve"):
         proc = subprocess.run([sys.executable, "-m", "cifar_lightning", command, "--help"], capture_output=True, text=True, cwd=REPO)
         assert proc.returncode == 0 and "usage:" in proc.stdout, command
     proc = subprocess.run([sys.executable, "-m", "cifar_lightning", "fly"], capture_output=True, text=True, cwd=REPO)
