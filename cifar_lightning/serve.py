@@ -5,7 +5,7 @@
 
     from cifar_lightning.serve import build_server
     server = build_server("model.onnx", max_batch_size=32)    # a litserve.LitServer; server.app is FastAPI
-    server.run(host="127.0.0.1", port=8000)
+    server.run(host="127.0.0.1", port=8000, generate_client_file=False)   # LitServe's own default host is 0.0.0.0
 
 Every upload is checked and decoded in the HTTP process, before it can join a batch:
 LitServe's batched loop answers a whole batch with the error of any one of its requests, so a
