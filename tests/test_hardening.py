@@ -119,6 +119,18 @@ def test_an_evaluation_never_takes_a_report_folder_another_one_claimed(run, caps
         shutil.rmtree(claimed), shutil.rmtree(run["run"] / "report_2", ignore_errors=True)
 
 
+def test_two_evaluations_choosing_at_once_get_different_report_folders(run) -> None:
+    """The race itself: both choose before either writes. Each choice claims its folder."""
+    from cifar_lightning.evaluate import report_dir
+
+    first = report_dir(run["ckpt"], run["run"], None, False)
+    second = report_dir(run["ckpt"], run["run"], None, False)
+    try:
+        assert first != second and first.is_dir() and second.is_dir()
+    finally:
+        first.rmdir(), second.rmdir()
+
+
 # 4. export metadata is input
 
 
