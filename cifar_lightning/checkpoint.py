@@ -12,11 +12,12 @@ Loading a checkpoint never unpickles arbitrary objects (``torch.load(weights_onl
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -99,17 +100,21 @@ def atomic_dir(path: str | Path, write: Callable[[Path], T], replace: bool = Fal
 
 
 def claim_free_dir(base: Path) -> Path:
-    """Create and return base, or base_2, base_3...: the first free one. mkdir is atomic, so
-    two processes started at once never pick (and then replace) the same folder."""
+    """Create and return base, or base_2, base_3...: the first free one (see ``claim_first``)."""
     base.parent.mkdir(parents=True, exist_ok=True)
-    n, candidate = 1, base
-    while True:
+    return claim_first(base if n == 1 else base.with_name(f"{base.name}_{n}") for n in itertools.count(1))
+
+
+def claim_first(candidates: Iterable[Path]) -> Path:
+    """Create the first candidate folder that does not exist yet and return it. mkdir is atomic,
+    so two processes started at once never pick (and then replace) the same folder."""
+    for candidate in candidates:
         try:
             candidate.mkdir()
             return candidate
         except FileExistsError:
-            n += 1
-            candidate = base.with_name(f"{base.name}_{n}")
+            continue
+    raise RuntimeError("no candidate folder was free")  # the candidates given here never end
 
 
 def refuse_overlap(out: Path, inputs: dict[str, Path | None], inside: dict[str, Path | None] | None = None) -> None:
@@ -279,16 +284,10 @@ def claim_new_dir(parent: Path, name: str, what: str) -> Path:
         taken = [int(m.group(1)) for p in parent.iterdir() if (m := pattern.fullmatch(p.name))]
     except OSError as e:
         raise ConfigError(f"{what} {parent}: cannot create or read it ({e.strerror})") from None
-    n = max(taken, default=-1) + 1
-    while True:
-        candidate = parent / name.format(n)
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            n += 1
-        except OSError as e:
-            raise ConfigError(f"{what} {parent}: cannot create a folder there ({e.strerror})") from None
+    try:
+        return claim_first(parent / name.format(n) for n in itertools.count(max(taken, default=-1) + 1))
+    except OSError as e:
+        raise ConfigError(f"{what} {parent}: cannot create a folder there ({e.strerror})") from None
 
 
 def claim_new_run_dir(log_dir: Path) -> Path:

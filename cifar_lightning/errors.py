@@ -32,6 +32,14 @@ class ImageError(UserError):
     """One input that is not a usable image."""
 
 
+class NotAnImageError(ImageError):
+    """Bytes that no image decoder recognises."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image declaring more pixels than the decoder will allocate (e.g. a decompression bomb)."""
+
+
 class ExportError(UserError):
     """An export that cannot be written or does not reproduce the checkpoint."""
 

@@ -61,8 +61,8 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     if out:
         refuse_overlap(Path(out), {"model file": model_path, "source checkpoint": source, "training run": run_dir,
                                    "data dir": Path(data_dir)}, inside={"data dir": Path(data_dir)})  # fmt: skip
-    if out:
-        report_dir(model_path, run_dir, out, overwrite)  # refuse a bad --out before the work
+    # A given --out is checked before the work; a default folder is claimed only once there is a report to put in it.
+    target = report_dir(model_path, run_dir, out, overwrite) if out else None
 
     dm = CIFAR10DataModule(
         data_dir=data_dir, val_size=run_cfg.get("val_size", 5000), split_seed=run_cfg.get("split_seed", 0),
@@ -86,7 +86,7 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
         "split": split,
         "data_dir": str(data_dir),
     }
-    target = report_dir(model_path, run_dir, out, overwrite)
+    target = target or report_dir(model_path, run_dir, None, overwrite)
     try:
         write = lambda tmp: report.write_report(tmp, probs, ds.labels, ds.images, clf.class_names, meta, run_dir=run_dir, grid=grid)  # noqa: E731
         metrics = atomic_dir(target, write, replace=overwrite)

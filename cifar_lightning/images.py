@@ -14,12 +14,12 @@ Imports no Lightning: predicting with an ONNX export needs only this, torch and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
-from cifar_lightning.errors import ImageError
+from cifar_lightning.errors import ImageError, ImageTooLargeError, NotAnImageError
 
 CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -79,34 +79,44 @@ def to_rgb32(image: Any) -> np.ndarray:
     return np.array(im, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """An image file -> (32, 32, 3) uint8 RGB; ImageError naming the file otherwise.
+def decode(source: str | Path | BinaryIO, name: str) -> np.ndarray:
+    """An image file or binary stream -> (32, 32, 3) uint8 RGB; ImageError starting with ``name``.
 
     Memory stays bounded: a JPEG is decoded at the smallest of its 1/2, 1/4, 1/8 scales that
     still holds 4x the output size (``draft``), and any image declaring more than MAX_PIXELS
-    after that is refused before decoding."""
+    after that is refused (ImageTooLargeError) before decoding."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(source) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageTooLargeError(f"{name}: {im.width}x{im.height} pixels is over the {MAX_PIXELS // 1_000_000} megapixel limit")
+            im.load()  # decode now: a truncated file fails here, not later
+            return to_rgb32(im)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except UnidentifiedImageError:
+        raise NotAnImageError(f"{name}: not an image PIL can read") from None
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name}: refused, a decompression bomb ({e})") from None
+    except (OSError, ValueError, SyntaxError, MemoryError) as e:
+        raise ImageError(f"{name}: unreadable image ({e})") from None
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file -> (32, 32, 3) uint8 RGB; ImageError naming the file otherwise."""
     path = Path(path)
     try:
         if path.is_dir():
             raise ImageError(f"{path}: is a directory")
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file")
-        with Image.open(path) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageError(f"{path}: {im.width}x{im.height} pixels is over the {MAX_PIXELS // 1_000_000} megapixel limit")
-            im.load()  # decode now: a truncated file fails here, not later
-            return to_rgb32(im)
-    except ImageError:
-        raise
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image PIL can read") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused, a decompression bomb ({e})") from None
-    except (OSError, ValueError, SyntaxError, MemoryError) as e:
+    except OSError as e:
         raise ImageError(f"{path}: unreadable image ({e})") from None
+    return decode(path, str(path))

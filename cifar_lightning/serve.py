@@ -31,8 +31,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cifar_lightning.checkpoint import sha256_of
-from cifar_lightning.errors import ImageError
-from cifar_lightning.images import IMAGE_SIZE, to_rgb32
+from cifar_lightning.errors import ImageError, ImageTooLargeError, NotAnImageError
+from cifar_lightning.images import IMAGE_SIZE, decode
 
 PAGE = Path(__file__).with_name("serve_page.html")
 MAX_TOP_K = 100
@@ -47,28 +47,17 @@ class BadRequestError(Exception):
 
 
 def decode_upload(data: bytes) -> np.ndarray:
-    """Image bytes -> (32, 32, 3) uint8 by the one decode policy, with the same bounds as
-    files: a decompression bomb or an oversized image is refused before its pixels are decoded."""
-    from PIL import Image, UnidentifiedImageError
-
-    from cifar_lightning.images import MAX_PIXELS
-
+    """Image bytes -> (32, 32, 3) uint8 by the one decode policy and its bounds (``images.decode``)."""
     if not data:
         raise BadRequestError(400, "empty image")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))
-            if im.width * im.height > MAX_PIXELS:
-                raise BadRequestError(413, f"{im.width}x{im.height} pixels is over the {MAX_PIXELS // 1_000_000} megapixel limit")
-            im.load()
-            return to_rgb32(im)
-    except UnidentifiedImageError:
-        raise BadRequestError(415, "not an image this server can read") from None
-    except Image.DecompressionBombError:
-        raise BadRequestError(413, "refused: a decompression bomb (a small file declaring a huge image)") from None
-    except (OSError, ValueError, SyntaxError, MemoryError, ImageError) as e:
-        raise BadRequestError(400, f"unreadable image ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        return decode(io.BytesIO(data), "upload")
+    except NotAnImageError as e:
+        raise BadRequestError(415, str(e)) from None
+    except ImageTooLargeError as e:
+        raise BadRequestError(413, str(e)) from None
+    except ImageError as e:
+        raise BadRequestError(400, str(e).splitlines()[0][:300]) from None
 
 
 def _top_k(value: Any, default: int) -> int:
@@ -271,3 +260,40 @@ def build_server(model: str | Path, max_batch_size: int = 32, batch_timeout: flo
 
     server.app.add_exception_handler(StarletteHTTPException, as_error)
     return server
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model: str | Path, *flags: str, timeout: float = 120.0, **popen: Any) -> tuple[Any, str]:
+    """``cifar-serve MODEL FLAGS`` in a child process on a free loopback port, returned once
+    /health answers 200: (the process, its base URL). For tests, benchmarks and screenshots;
+    stop it with ``terminate()`` (SIGTERM shuts its workers down too)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_lightning", "serve", str(model), "--port", str(port), *flags], **popen)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"cifar-serve exited with status {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, url
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError(f"cifar-serve was not ready after {timeout:.0f} s")

@@ -79,6 +79,16 @@ def machine_peaks(dtype: torch.dtype) -> dict[str, float]:
     }
 
 
+def bf16_conv_rate() -> float:
+    """The reference every wall time is normalised by: GFLOP/s of a large bf16 3x3 convolution,
+    measured now (normalised s = raw s x rate / 1000 GFLOP/s)."""
+    return machine_peaks(torch.bfloat16)["oneDNN 3x3 conv 256ch"]
+
+
+def normalised(seconds: float, rate: float) -> float:
+    return seconds * rate / 1000.0
+
+
 def network_for(recipe: str) -> tuple[torch.nn.Module, int]:
     """The network and batch size a preset trains with."""
     cfg = recipes.build({"preset": recipe})

@@ -5,7 +5,8 @@ Prints figures; asserts nothing.
 
 For batching off (--max-batch-size 1) and on (32), a fresh server; at each concurrency (1, 8,
 32) a fixed number of uploads of real test images (PNG files, as a client sends them), with a
-time limit, so the run always ends: requests/s and p50/p99 latency. The reference is
+time limit, so the run always ends: requests/s and p50/p99 latency, raw and normalised by the
+bf16 3x3-convolution rate measured in the same run (scripts/benchmark.py). The reference is
 ``load_classifier(MODEL).predict`` on the same files in this process (decode included).
 """
 
@@ -15,22 +16,16 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from cifar_lightning.serve import launch
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def load(url: str, files: list[bytes], concurrency: int, limit_s: float) -> dict:
@@ -57,22 +52,6 @@ async def load(url: str, files: list[bytes], concurrency: int, limit_s: float) -
             "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}  # fmt: skip
 
 
-def serve(model: str, batch: int, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "cifar_lightning", "serve", model, "--port", str(port), "--max-batch-size", str(batch)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"cifar-serve exited with {proc.returncode}")
-        time.sleep(0.2)
-    proc.terminate()
-    raise SystemExit("cifar-serve did not become ready in 120 s")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
@@ -90,21 +69,28 @@ def main() -> None:
     t = time.perf_counter()
     clf.predict(paths)
     in_process = len(paths) / (time.perf_counter() - t)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, model {args.model} (test-time views level {clf.tta})")
+    from benchmark import bf16_conv_rate, normalised
+
+    rate = bf16_conv_rate()
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, bf16 3x3 conv {rate:.0f} GFLOP/s, "
+          f"model {args.model} (test-time views level {clf.tta})")  # fmt: skip
     print(f"in-process load_classifier(...).predict on the same {len(paths)} files: {in_process:.1f} images/s")
-    print(f"{'batching':<12}{'concurrency':>12}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs in-process':>15}")
+    print("normalised ms = raw ms x rate / 1000 GFLOP/s")
+    print(f"{'batching':<12}{'concurrency':>12}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'norm p50':>10}{'norm p99':>10}"
+          f"{'vs in-process':>15}")  # fmt: skip
     results = {}
     for batch in (1, 32):
-        port = free_port()
-        proc = serve(args.model, batch, port)
+        proc, url = launch(args.model, "--max-batch-size", str(batch), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            asyncio.run(load(f"http://127.0.0.1:{port}/predict", files[:16], 4, 30))  # warm-up
+            asyncio.run(load(f"{url}/predict", files[:16], 4, 30))  # warm-up
             for concurrency in (1, 8, 32):
-                r = asyncio.run(load(f"http://127.0.0.1:{port}/predict", files, concurrency, args.time_limit))
+                r = asyncio.run(load(f"{url}/predict", files, concurrency, args.time_limit))
                 results[batch, concurrency] = r
                 label = "off" if batch == 1 else f"on ({batch})"
+                failed = f"  ({r['failures']} failed)" if r["failures"] else ""
                 print(f"{label:<12}{concurrency:>12}{r['requests']:>10}{r['rps']:>9.1f}{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}"
-                      f"{r['rps'] / in_process:>14.0%}" + (f"  ({r['failures']} failed)" if r["failures"] else ""), flush=True)  # fmt: skip
+                      f"{normalised(r['p50_ms'], rate):>10.0f}{normalised(r['p99_ms'], rate):>10.0f}"
+                      f"{r['rps'] / in_process:>14.0%}{failed}", flush=True)  # fmt: skip
         finally:
             proc.terminate()
             proc.wait(timeout=60)

@@ -4,7 +4,8 @@ Prints figures; asserts nothing.
     python scripts/benchmark_startup.py [--repeats 7]
 
 Each command runs in a fresh interpreter (as a user's shell starts it); the median of the
-repeats is reported, with the ratio against `python -c "import lightning"` timed in the same run.
+repeats is reported raw, normalised by the bf16 3x3-convolution rate measured in the same run
+(scripts/benchmark.py), and as a ratio against `python -c "import lightning"` timed alongside.
 """
 
 from __future__ import annotations
@@ -42,12 +43,16 @@ def main() -> None:
     for _ in range(args.repeats):  # alternating, so a slow moment hits every command alike
         for name, cmd in COMMANDS.items():
             times[name].append(seconds(cmd))
+    from benchmark import bf16_conv_rate, normalised
+
+    rate = bf16_conv_rate()
     ref = statistics.median(times[REFERENCE])
-    print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, median of {args.repeats}")
-    print(f"{'command':<32}{'seconds':>9}{'vs import lightning':>22}")
+    print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, median of {args.repeats}, "
+          f"bf16 3x3 conv {rate:.0f} GFLOP/s")  # fmt: skip
+    print(f"{'command':<32}{'seconds':>9}{'normalised':>12}{'vs import lightning':>22}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<32}{med:>9.3f}{med / ref:>21.2f}x")
+        print(f"{name:<32}{med:>9.3f}{normalised(med, rate):>12.3f}{med / ref:>21.2f}x")
 
 
 if __name__ == "__main__":

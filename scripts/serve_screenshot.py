@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 from playwright.sync_api import sync_playwright
+
+from cifar_lightning.serve import launch
 
 
 def main() -> None:
@@ -24,23 +21,14 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "cifar_lightning", "serve", args.model, "--port", str(port)])
+    server, url = launch(args.model)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.chromium, args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"])  # fmt: skip
             page = browser.new_page(viewport={"width": 560, "height": 640})
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(f"{url}/")
             page.set_input_files("#file", args.image)
             page.wait_for_selector("#top1[data-class]", timeout=60_000)
             page.screenshot(path=args.out, full_page=True)

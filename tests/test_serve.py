@@ -7,13 +7,9 @@ import base64
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -116,12 +112,6 @@ def test_a_bad_model_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
         assert len(err) == 1 and "Traceback" not in err[0], err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _chromium() -> str | None:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None and os.environ.get("CI"):
@@ -135,25 +125,17 @@ def test_a_real_browser_uploads_an_image_and_reads_the_class(model, tmp_path: Pa
         pytest.skip("Chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cifar_lightning", "serve", str(model["onnx"]), "--port", str(port)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    from cifar_lightning.serve import launch
+
+    server, url = launch(model["onnx"], cwd=REPO)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, server.stdout.read()
-            time.sleep(0.2)
         expected = load_classifier(model["onnx"]).predict([model["image"]])[0][0]
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"])  # fmt: skip
             page = browser.new_page(viewport={"width": 390, "height": 760})  # a phone's width
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(f"{url}/")
             page.set_input_files("#file", str(model["image"]))
             page.wait_for_selector("#top1[data-class]", timeout=30_000)
             shown = page.get_attribute("#top1", "data-class")
