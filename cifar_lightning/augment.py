@@ -6,6 +6,8 @@ Labels are never touched: every op here is label-preserving.
 
     seed      the Keras notebook's ImageDataGenerator ops: shift, flip, zoom, rotation, brightness
     standard  pad-and-crop (4 px, reflect) plus horizontal flip, the usual CIFAR-10 recipe
+    robust    standard, then what photos go through on their way to a model: blur, sensor
+              noise and JPEG compression (real libjpeg, 4:2:0), each on a share of the images
     none      identity
 """
 
@@ -82,6 +84,70 @@ def random_brightness(images: torch.Tensor, amount: float = 0.0) -> torch.Tensor
     return (x * factor).clamp_(0, 1)
 
 
+#: qualities a JPEG-augmented image is re-encoded at (drawn uniformly per image)
+JPEG_QUALITIES = tuple(range(30, 96, 5))
+NOISE_SIGMA = 0.1  # max Gaussian noise sigma, [0, 1] pixel units
+BLUR_SIGMAS = (0.4, 0.6, 0.8, 1.0, 1.2)  # px
+
+
+def _chosen(n: int, p: float, device: torch.device) -> torch.Tensor:
+    return (torch.rand(n, device=device) < p).nonzero().flatten() if p > 0 else torch.empty(0, dtype=torch.long)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images if images.dtype == torch.uint8 else (images * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def random_jpeg(images: torch.Tensor, p: float, qualities: tuple[int, ...] = JPEG_QUALITIES) -> torch.Tensor:
+    """Re-encode a share p of the (uint8) images as baseline JPEG at a random quality each, with
+    torchvision's libjpeg (the same bytes Pillow writes: 4:2:0 chroma). Runs on the CPU; a GPU
+    batch makes a round trip for the chosen images only."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    images = to_uint8(images)
+    idx = _chosen(len(images), p, images.device)
+    if len(idx) == 0:
+        return images
+    q = torch.randint(0, len(qualities), (len(idx),), device=images.device).cpu()
+    idx_cpu, chosen = idx.cpu(), images[idx].cpu()
+    out = images.clone()
+    for k in q.unique().tolist():
+        sel = (q == k).nonzero().flatten()
+        decoded = decode_jpeg(encode_jpeg(list(chosen[sel]), quality=qualities[k]))
+        out[idx_cpu[sel].to(images.device)] = torch.stack(decoded).to(images.device)
+    return out
+
+
+def random_noise(images: torch.Tensor, p: float, max_sigma: float = NOISE_SIGMA) -> torch.Tensor:
+    """Add Gaussian noise (sigma uniform in [0, max_sigma], [0, 1] units) to a share p of the
+    images; uint8 in, uint8 out (rounded, as a camera would store it)."""
+    idx = _chosen(len(images), p, images.device)
+    if len(idx) == 0:
+        return images
+    x = to_unit_float(images[idx])
+    sigma = torch.rand(len(idx), 1, 1, 1, device=x.device) * max_sigma
+    out = to_uint8(images).clone()
+    out[idx] = to_uint8((x + sigma * torch.randn_like(x)).clamp_(0, 1))
+    return out
+
+
+def random_blur(images: torch.Tensor, p: float, sigmas: tuple[float, ...] = BLUR_SIGMAS) -> torch.Tensor:
+    """Gaussian-blur a share p of the images, each with a sigma drawn from ``sigmas``
+    (torchvision's blur, kernel 2 * ceil(3 sigma) + 1, reflect borders)."""
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    idx = _chosen(len(images), p, images.device)
+    if len(idx) == 0:
+        return images
+    s = torch.randint(0, len(sigmas), (len(idx),), device=images.device)
+    out = to_uint8(images).clone()
+    for k in s.unique().tolist():
+        sel = idx[s == k]
+        sigma = sigmas[k]
+        out[sel] = gaussian_blur(out[sel], [2 * math.ceil(3 * sigma) + 1] * 2, [sigma, sigma])
+    return out
+
+
 class BatchAugment:
     """A named recipe with its ranges; call it on a uint8 batch, get uint8 or [0, 1] floats back."""
 
@@ -95,7 +161,7 @@ class BatchAugment:
         self.mode = mode
         self.options = {**defaults, **{k: float(v) for k, v in options.items() if v is not None}}
         for k, v in self.options.items():
-            if v < 0 or (k == "flip" and v > 1) or (k in ("shift", "zoom", "brightness") and v >= 1):
+            if v < 0 or (k in ("flip", "jpeg", "noise", "blur") and v > 1) or (k in ("shift", "zoom", "brightness") and v >= 1):
                 raise ValueError(f"augmentation range {k}={v} is out of range")
 
     @property
@@ -108,8 +174,11 @@ class BatchAugment:
             x = random_affine(images, o["shift"], o["zoom"], o["rotation"])
             x = random_flip(x, o["flip"])
             return random_brightness(x, o["brightness"])
-        if self.mode == "standard":
-            return random_flip(random_crop(images, int(o["crop_padding"])), o["flip"])
+        if self.mode in ("standard", "robust"):
+            images = random_flip(random_crop(images, int(o["crop_padding"])), o["flip"])
+        if self.mode == "robust":
+            # The order a photo meets them: optics blur, the sensor adds noise, the file is a JPEG.
+            images = random_jpeg(random_noise(random_blur(images, o["blur"]), o["noise"]), o["jpeg"])
         return images
 
     def __repr__(self) -> str:

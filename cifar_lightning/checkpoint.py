@@ -239,6 +239,10 @@ def classifier_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> I
         module.load_state_dict(ckpt["state_dict"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: weights do not fit the network it names ({state_dict_mismatch(e)})") from None
+    from cifar_lightning.calibration import temperature_of
+
+    temperature_of(ckpt.get("calibration"), path)  # a damaged entry is refused here, not at first use
+    module.calibration = ckpt.get("calibration")
     return module
 
 

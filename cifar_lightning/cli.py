@@ -138,6 +138,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", choices=ACCELERATORS, default="auto")
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--grid", type=_positive_int, default=25, help="images in predictions.png and misclassified.png")
+    p.add_argument("--corruptions", action="store_true",
+                   help="also score corrupted copies of the split (JPEG, noise, blur, brightness, contrast, pixelation)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corruptions' noise (default 0)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="raw probabilities: leave out the temperature fitted after training")
     p.add_argument("--no-download", dest="download", action="store_false", help="never download CIFAR-10")
     return p
 
@@ -153,7 +158,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
         out, metrics = evaluate(
             args.model, args.data_dir, args.split, args.out, args.overwrite, device_for(args.accelerator), args.batch_size,
-            args.grid, args.download,
+            args.grid, args.download, calibrate=args.calibrate, corruptions=args.corruptions, seed=args.seed,
         )  # fmt: skip
         print(report.format_table(metrics))
         print(f"\nreport: {out / 'report.md'}")
@@ -225,6 +230,8 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="test images for the check (default: the run's data dir)")
     p.add_argument("--check-images", type=_positive_int, default=256, help="test images in the check (default 256)")
     p.add_argument("--random-check", action="store_true", help="no test images at hand: check on seeded random images (numerics only)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="a graph that outputs raw logits (the temperature is still recorded in OUT.json)")
     p.add_argument("--no-download", dest="download", action="store_false", help="never download CIFAR-10")
     return p
 
@@ -245,7 +252,7 @@ def export_main(argv: list[str] | None = None) -> int:
         out = _new_file(str(out), args.overwrite)
         images, where = check_images(ckpt_path, args.data_dir, args.check_images, args.download, args.random_check)
         try:
-            check = export(module, ckpt_path, args.format, out, images, tta=args.tta)
+            check = export(module, ckpt_path, args.format, out, images, tta=args.tta, calibrate=args.calibrate)
         except OSError as e:
             raise ConfigError(f"--out {out}: cannot write ({e.strerror or e})") from None
         print(f"wrote {out} and {out.name}.json (test-time views: {module.hparams.tta if args.tta is None else args.tta})")
@@ -273,6 +280,8 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON list instead of tables")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--accelerator", choices=ACCELERATORS, default="cpu")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="raw probabilities: leave out the temperature fitted after training")
     return p
 
 
@@ -283,7 +292,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from cifar_lightning.inference import device_for, expand_inputs, load_classifier, predict_files
 
-        clf = load_classifier(args.model, device=device_for(args.accelerator))
+        clf = load_classifier(args.model, device=device_for(args.accelerator), calibrate=args.calibrate)
         files = expand_inputs(args.paths)
         if not files:
             raise ConfigError("no image files found in the given paths")
@@ -315,6 +324,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", choices=("cpu", "cuda", "gpu", "mps", "auto"), default="cpu")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes per answer unless the request says (default 5)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads are refused unread (default 10)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="raw probabilities: leave out the temperature fitted after training")
     return p
 
 
@@ -328,7 +339,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         from cifar_lightning.serve import build_server
 
         server = build_server(args.model, args.max_batch_size, args.batch_timeout, args.workers, args.accelerator, args.top_k,
-                              args.max_upload_mb)  # fmt: skip
+                              args.max_upload_mb, args.calibrate)  # fmt: skip
         import signal
 
         main_pid = os.getpid()

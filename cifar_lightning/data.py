@@ -286,12 +286,19 @@ def load_torchvision_cifar10(data_dir: Path) -> dict[str, Images]:
     return out
 
 
-def seeded_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train_idx, val_idx): a fixed permutation of range(n), independent of the training seed."""
+def seeded_split(n: int, val_size: int, seed: int, calib_size: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train_idx, val_idx, calib_idx): disjoint parts of one fixed permutation of range(n),
+    independent of the training seed. The calibration images (for the softmax temperature) come
+    after the validation ones, so holding some out leaves the validation split as it was."""
     if not 0 <= val_size < n:
         raise DataError(f"--val-size must be in [0, {n - 1}] for {n} training images, got {val_size}")
+    if not 0 <= calib_size < n - val_size:
+        raise DataError(
+            f"--calib-size {calib_size}: only {n - val_size} training images are left after the validation split; "
+            "use a smaller --calib-size or --calibrate val/none"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[val_size:], perm[:val_size]
+    return perm[val_size + calib_size :], perm[:val_size], perm[val_size : val_size + calib_size]
 
 
 # ----------------------------------------------------------------------------- data module
@@ -319,6 +326,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         download: bool = True,
         cache_dir: str | None = None,
         shuffle_seed: int = 0,
+        calib_size: int = 0,
     ) -> None:
         super().__init__()
         from cifar_lightning.augment import BatchAugment
@@ -342,6 +350,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.train_set: TensorImages | None = None
         self.val_set: TensorImages | None = None
         self.test_set: TensorImages | None = None
+        #: images held out of training to fit the softmax temperature (calib_size of them)
+        self.calib_set: TensorImages | None = None
         self._train_loader: ResumableLoader | None = None
 
     @property
@@ -372,11 +382,15 @@ class CIFAR10DataModule(L.LightningDataModule):
         splits = self.load()
         if stage in ("fit", "validate", None) and self.train_set is None:
             train = splits["train"]
-            train_idx, val_idx = seeded_split(len(train.labels), self.hparams.val_size, self.hparams.split_seed)
-            if self.hparams.limit_train_images:
-                train_idx = train_idx[: self.hparams.limit_train_images]
+            hp = self.hparams
+            # At most a tenth of what validation leaves: a small dataset keeps most of its images for training.
+            calib_size = min(hp.calib_size, max(len(train.labels) - hp.val_size, 0) // 10)
+            train_idx, val_idx, calib_idx = seeded_split(len(train.labels), hp.val_size, hp.split_seed, calib_size)
+            if hp.limit_train_images:
+                train_idx = train_idx[: hp.limit_train_images]
             self.train_set = TensorImages(train.images[train_idx], train.labels[train_idx])
             self.val_set = TensorImages(train.images[val_idx], train.labels[val_idx])
+            self.calib_set = TensorImages(train.images[calib_idx], train.labels[calib_idx])
         if stage in ("test", "predict", None) and self.test_set is None:
             test = splits["test"]
             self.test_set = TensorImages(test.images, test.labels)

@@ -10,8 +10,12 @@ takes away is measured by the same code that measured the checkpoint.
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from cifar_lightning import report
 from cifar_lightning.checkpoint import atomic_dir, claim_free_dir, refuse_overlap, run_dir_of, sha256_of
@@ -43,12 +47,34 @@ def report_dir(model_path: Path, run_dir: Path | None, out: str | None, overwrit
     return claim_free_dir(model_path.with_name(f"{model_path.stem}_report"))
 
 
+def score_corruptions(clf: Classifier, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
+                      batch_size: int = 500) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+    """Accuracy and ECE on every corrupted copy of the images (``corruptions.SEVERITIES``)."""
+    from cifar_lightning import corruptions
+    from cifar_lightning.calibration import ece
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name, severity in corruptions.all_levels():
+        t0 = time.perf_counter()
+        probs = clf.probabilities(corruptions.corrupt(images, name, severity, seed), batch_size)
+        row = {
+            "severity": severity, "label": corruptions.severity_label(name, severity),
+            "accuracy": float((probs.argmax(1) == labels).float().mean()), "ece": ece(probs, labels),
+        }  # fmt: skip
+        results.setdefault(name, []).append(row)
+        print(f"  {name} {row['label']}: accuracy {row['accuracy']:.4f}, ECE {row['ece']:.4f} "
+              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    return results
+
+
 def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test", out: str | None = None, overwrite: bool = False,
-             device: str = "cpu", batch_size: int = 500, grid: int = 25, download: bool = True) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+             device: str = "cpu", batch_size: int = 500, grid: int = 25, download: bool = True, calibrate: bool = True,
+             corruptions: bool = False, seed: int = 0) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     """Classify every image of the split with the model file and write the report. Returns
-    (report folder, metrics)."""
+    (report folder, metrics). ``calibrate=False`` scores the raw probabilities; ``corruptions``
+    also scores corrupted copies of the split (``corruptions.py``)."""
     model_path = Path(model)
-    clf = load_classifier(model_path, device=device)  # refuses unsafe or foreign files before anything else
+    clf = load_classifier(model_path, device=device, calibrate=calibrate)  # refuses unsafe or foreign files before anything else
     source = source_checkpoint(model_path, clf)
     run_cfg = saved_run_config(source)
     run_dir = run_dir_of(source) if run_cfg else None
@@ -76,19 +102,28 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     if len(ds) == 0:
         raise DataError(f"--split {split}: no images to evaluate")
 
-    probs = clf.probabilities(ds.images, batch_size)
+    logits = clf.logits(ds.images, batch_size)
+    probs = clf.to_probabilities(logits)
+    # The same predictions before the temperature: logits times T undoes the division.
+    raw_probs = (logits * clf.temperature).softmax(-1) if clf.calibrated else None
+    scored = score_corruptions(clf, ds.images, ds.labels, seed, batch_size) if corruptions else None
     meta = {
         "model": clf.info.get("model"),
         "checkpoint": str(model_path),
         "checkpoint_sha256": sha256_of(model_path),
         "model_file": str(model_path),
         "tta": clf.tta,
+        "temperature": clf.temperature,
+        "calibrated": clf.calibrated,
         "split": split,
         "data_dir": str(data_dir),
     }
     target = target or report_dir(model_path, run_dir, None, overwrite)
     try:
-        write = lambda tmp: report.write_report(tmp, probs, ds.labels, ds.images, clf.class_names, meta, run_dir=run_dir, grid=grid)  # noqa: E731
+        def write(tmp: Path) -> dict[str, Any]:
+            return report.write_report(tmp, probs, ds.labels, ds.images, clf.class_names, meta, run_dir=run_dir, grid=grid,
+                                       raw_probs=raw_probs, corruptions=scored)  # fmt: skip
+
         metrics = atomic_dir(target, write, replace=overwrite)
     except OSError as e:
         raise ConfigError(f"--out {target}: cannot write the report ({e.strerror or e})") from None

@@ -55,7 +55,7 @@ def known_test_accuracy(ckpt_path: Path) -> float | None:
     return None
 
 
-def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int) -> dict[str, Any]:
+def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int, calibrate: bool = True) -> dict[str, Any]:
     from cifar_lightning.images import IMAGE_SIZE, MEAN, STD
 
     hp = module.hparams
@@ -73,9 +73,16 @@ def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int) -> di
         "std": list(STD),
         "input_size": [3, IMAGE_SIZE, IMAGE_SIZE],
         "input": "float32 NCHW, RGB in [0, 1] normalised with mean/std",
-        "output": "logits (softmax gives probabilities)",
+        "output": "logits divided by the temperature (softmax gives calibrated probabilities)"
+        if calibrate and module.calibration and fmt != "safetensors" else "logits (softmax gives probabilities)",
         "tta": tta,
         "tta_in_graph": fmt != "safetensors" and tta > 0,
+        # The softmax temperature fitted after training (null: never calibrated). A graph
+        # divides by it unless exported with --no-calibrate; load_classifier applies it to
+        # safetensors weights.
+        "temperature": module.temperature if module.calibration else None,
+        "temperature_in_graph": bool(fmt != "safetensors" and calibrate and module.calibration),
+        "calibration": module.calibration,
         "test_accuracy": accuracy,
         "source_checkpoint": str(ckpt_path),
         "source_sha256": sha256_of(ckpt_path),
@@ -83,10 +90,11 @@ def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int) -> di
 
 
 def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_images: torch.Tensor,
-           tta: int | None = None) -> dict[str, Any]:  # fmt: skip
+           tta: int | None = None, calibrate: bool = True) -> dict[str, Any]:  # fmt: skip
     """Write ``out`` and its JSON sidecar, after checking the written file against the PyTorch
     network (with the same test-time views) on ``check_images`` (normalised floats). Returns
-    the check's figures. ``tta`` defaults to the checkpoint's own level."""
+    the check's figures. ``tta`` defaults to the checkpoint's own level; ``calibrate=False``
+    leaves the temperature out of a graph (it is still recorded in the sidecar)."""
     import torch
 
     from cifar_lightning import models
@@ -95,8 +103,9 @@ def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_
         raise ExportError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
     level = module.hparams.tta if tta is None else tta
     net = module.net.eval().to(memory_format=torch.contiguous_format)
-    reference = models.with_tta(net, level).eval()
-    meta = metadata(module, ckpt_path, fmt, level)
+    meta = metadata(module, ckpt_path, fmt, level, calibrate)
+    in_graph = module.temperature if meta["temperature_in_graph"] else 1.0
+    reference = models.with_tta(net, level, in_graph).eval()
     example = check_images[:2].contiguous()
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -149,7 +158,7 @@ def verify(path: Path, fmt: str, meta: dict, reference: torch.nn.Module, images:
                 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
                 got = torch.jit.load(str(path), map_location="cpu")(images)
         else:
-            got = models.with_tta(inference.network_from_safetensors(path, meta), meta["tta"])(images)
+            got = models.with_tta(inference.network_from_safetensors(path, meta), meta["tta"])(images)  # raw logits
     return _compare(expected, got)
 
 

@@ -154,6 +154,11 @@ def check_metadata(meta: dict, where: Path | str) -> None:
             problem = problem or f"{key!r} must be three finite numbers{' > 0' if positive else ''}"
     if meta.get("tta", 0) not in TTA_LEVELS or isinstance(meta.get("tta", 0), bool):
         problem = problem or f"'tta' must be one of {TTA_LEVELS}"
+    t = meta.get("temperature")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0)):
+        problem = problem or "'temperature' must be a positive number or null"
+    if not isinstance(meta.get("temperature_in_graph", False), bool):
+        problem = problem or "'temperature_in_graph' must be true or false"
     if problem:
         raise ModelError(f"{where}: unusable export metadata: {problem}")
 
@@ -163,10 +168,12 @@ def check_metadata(meta: dict, where: Path | str) -> None:
 
 class Classifier:
     """A loaded model of any supported kind. ``network`` maps normalised images to logits with
-    the model's test-time augmentation already inside it (``tta`` says which views)."""
+    the model's test-time augmentation already inside it (``tta`` says which views), divided by
+    ``temperature`` (1.0: raw logits; the model's own is ``info["temperature"]``)."""
 
     def __init__(self, network: Any, class_names: Sequence[str], mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
-                 device: str = "cpu", source: str = "", tta: int = 0, info: dict | None = None) -> None:  # fmt: skip
+                 device: str = "cpu", source: str = "", tta: int = 0, info: dict | None = None,
+                 temperature: float = 1.0) -> None:  # fmt: skip
         self.network = network
         self.class_names = list(class_names)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -175,6 +182,12 @@ class Classifier:
         self.tta = tta
         #: what the model file records: model name, its test accuracy, the source checkpoint...
         self.info = info or {}
+        #: the temperature the logits are divided by (raw logits = logits * temperature)
+        self.temperature = float(temperature)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.temperature != 1.0
 
     def logits(self, batch: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """uint8 (N, 3, 32, 32) -> logits (N, C), in batches."""
@@ -189,7 +202,11 @@ class Classifier:
 
     def probabilities(self, batch: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """uint8 (N, 3, 32, 32) -> softmax probabilities (N, C); never NaN or infinite."""
-        probs = self.logits(batch, batch_size).softmax(-1)
+        return self.to_probabilities(self.logits(batch, batch_size))
+
+    def to_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax of logits from ``logits``; a ModelError when the model gave NaN or infinity."""
+        probs = logits.softmax(-1)
         if not bool(torch.isfinite(probs).all()):
             raise ModelError(f"{self.source}: the model gives NaN or infinite scores on these images")
         return probs
@@ -205,13 +222,29 @@ class Classifier:
                 for vs, ix in zip(values.tolist(), idx.tolist(), strict=True)]  # fmt: skip
 
 
-def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = None) -> Classifier:
+class Rescaled:
+    """A network's logits times a constant: undoes (or applies) a temperature that an ONNX
+    graph has, or lacks, built in."""
+
+    def __init__(self, network: Any, factor: float) -> None:
+        self.network, self.factor = network, float(factor)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x) * self.factor
+
+    def eval(self) -> Rescaled:
+        return self
+
+
+def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = None, calibrate: bool = True) -> Classifier:
     """A Lightning .ckpt (loaded weights-only), a .safetensors export (with its .json sidecar) or
     an .onnx export; ModelError with one clear line for anything else.
 
     ``tta`` overrides the test-time augmentation of a checkpoint or safetensors export (an ONNX
-    graph has its views built in)."""
+    graph has its views built in). ``calibrate=False`` gives the raw, uncalibrated probabilities
+    instead of those with the model's fitted temperature."""
     from cifar_lightning import models
+    from cifar_lightning.calibration import temperature_of
 
     path = Path(path)
     if path.is_dir():
@@ -222,8 +255,10 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
     if suffix == ".safetensors":
         meta = read_sidecar(path, required=True)
         level = meta.get("tta", 0) if tta is None else tta
-        net = models.with_tta(network_from_safetensors(path, meta), level).to(device)
-        return Classifier(net, _class_names(meta, path), meta.get("mean") or MEAN, meta.get("std") or STD, device, str(path), level, meta)
+        t = float(meta.get("temperature") or 1.0) if calibrate else 1.0
+        net = models.with_tta(network_from_safetensors(path, meta), level, t).to(device)
+        names = _class_names(meta, path)
+        return Classifier(net, names, meta.get("mean") or MEAN, meta.get("std") or STD, device, str(path), level, meta, t)
     if suffix == ".onnx":
         meta = read_sidecar(path, required=False)
         net = OnnxNetwork(path)
@@ -236,7 +271,12 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
             raise ModelError(f"{path}: an ONNX model of another kind (gives {tuple(out.shape)} outputs, not 1 x {len(names)} class scores)")
         if not bool(torch.isfinite(out).all()):
             raise ModelError(f"{path}: refused: the ONNX model gives NaN or infinite scores (non-finite weights)")
-        return Classifier(net, names, meta.get("mean") or MEAN, meta.get("std") or STD, "cpu", str(path), meta.get("tta", 0), meta)
+        fitted = float(meta.get("temperature") or 1.0)
+        in_graph = fitted if meta.get("temperature_in_graph") else 1.0
+        t = fitted if calibrate else 1.0
+        if in_graph != t:
+            net = Rescaled(net, in_graph / t)
+        return Classifier(net, names, meta.get("mean") or MEAN, meta.get("std") or STD, "cpu", str(path), meta.get("tta", 0), meta, t)
     if suffix in (".ckpt", ".pt", ".pth"):
         from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
 
@@ -246,10 +286,12 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
             raise ModelError(str(e)) from None
         hp = module.hparams
         level = hp.tta if tta is None else tta
-        net = models.with_tta(module.net.eval(), level).to(device)
+        fitted = temperature_of(module.calibration, path)
+        t = fitted if calibrate else 1.0
+        net = models.with_tta(module.net.eval(), level, t).to(device)
         names = list(hp.class_names or CLASSES)
-        info = {"model": hp.model, "tta": level, "class_names": names}
-        return Classifier(net, names, MEAN, STD, device, str(path), level, info)
+        info = {"model": hp.model, "tta": level, "class_names": names, "temperature": fitted if module.calibration else None}
+        return Classifier(net, names, MEAN, STD, device, str(path), level, info, t)
     raise ModelError(f"{path}: unknown model kind {suffix or '(no suffix)'!r}; expected .ckpt, .safetensors or .onnx")
 
 

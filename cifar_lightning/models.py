@@ -172,16 +172,19 @@ def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 
 class WithTTA(nn.Module):
-    """A network whose forward averages its test-time views: what exports carry, so an exported
-    model classifies exactly as the checkpoint did in training's test and in cifar-evaluate."""
+    """A network whose forward averages its test-time views and divides by its calibration
+    temperature: what exports carry, so an exported model classifies exactly as the checkpoint
+    did in training's test and in cifar-evaluate, with the same probabilities."""
 
-    def __init__(self, net: nn.Module, level: int) -> None:
+    def __init__(self, net: nn.Module, level: int, temperature: float = 1.0) -> None:
         super().__init__()
-        self.net, self.level = net, int(level)
+        self.net, self.level, self.temperature = net, int(level), float(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tta_logits(self.net, x, self.level)
+        logits = tta_logits(self.net, x, self.level)
+        return logits / self.temperature if self.temperature != 1.0 else logits
 
 
-def with_tta(net: nn.Module, level: int) -> nn.Module:
-    return WithTTA(net, level) if level else net
+def with_tta(net: nn.Module, level: int, temperature: float = 1.0) -> nn.Module:
+    """``net`` with its test-time views and temperature (``net`` itself when it needs neither)."""
+    return WithTTA(net, level, temperature) if level or temperature != 1.0 else net

@@ -22,7 +22,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class ImageClassifier(L.LightningModule):
-    """``forward`` returns logits; ``predict_step`` returns softmax probabilities."""
+    """``forward`` returns raw logits; ``predict_step`` returns calibrated softmax probabilities
+    (test-time views, divided by the fitted temperature)."""
 
     #: Feed the network NHWC tensors (about 15% faster for these convs on CPU); set with
     #: ``module.to(memory_format=torch.channels_last)``; not a hyperparameter.
@@ -65,6 +66,16 @@ class ImageClassifier(L.LightningModule):
         # epoch value still equals the single-process one (a mean of per-process means would not).
         self.val_loss = torchmetrics.MeanMetric()
         self.test_loss = torchmetrics.MeanMetric()
+        # The test reports calibration both ways: with the fitted temperature and without it.
+        ece = torchmetrics.classification.MulticlassCalibrationError
+        self.test_ece = ece(num_classes, n_bins=15, norm="l1")
+        self.test_ece_raw = ece(num_classes, n_bins=15, norm="l1")
+        #: the fitted softmax temperature and its figures (``calibration.py``); None until fitted
+        self.calibration: dict | None = None
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration["temperature"]) if self.calibration else 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_floating_point() and x.dtype != self.dtype:
@@ -93,10 +104,13 @@ class ImageClassifier(L.LightningModule):
         # The global RNG drives augmentation and dropout: saved with every checkpoint, so a run
         # resumed from any step draws exactly what an unbroken run would have drawn.
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if self.calibration:
+            checkpoint["calibration"] = self.calibration
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.calibration = checkpoint.get("calibration")
         rng = checkpoint.get("rng_state") or {}
         if isinstance(rng.get("torch"), torch.Tensor):
             torch.set_rng_state(rng["torch"].cpu())
@@ -128,10 +142,16 @@ class ImageClassifier(L.LightningModule):
             # The final test runs in float32 even in a mixed-precision run: it must score the
             # model users take away, which every export and inference path runs in float32.
             with torch.autocast(x.device.type, enabled=False):
-                logits = self.tta_logits(x).float()
+                raw = self.tta_logits(x).float()
+            logits = raw / self.temperature
+            self.test_ece_raw(raw.softmax(-1), y)
+            self.test_ece(logits.softmax(-1), y)
+            self.log("test_ece", self.test_ece)
+            self.log("test_ece_uncalibrated", self.test_ece_raw)
         else:
             logits = self(x)
-        loss = F.cross_entropy(logits, y)  # plain CE: comparable across label-smoothing settings
+        # Plain CE, comparable across label-smoothing settings (the test's: with the temperature).
+        loss = F.cross_entropy(logits, y)
         acc, mean_loss = (self.val_acc, self.val_loss) if stage == "val" else (self.test_acc, self.test_loss)
         acc(logits, y)
         mean_loss.update(loss, weight=len(y))
@@ -147,7 +167,7 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).softmax(dim=-1)
+        return (self.tta_logits(x).float() / self.temperature).softmax(dim=-1)
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams

@@ -32,7 +32,9 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle", "triangle")
 #: test-time augmentation: 0 none, 1 + mirror, 2 + mirror and 1-px translations (6 views)
 TTA_LEVELS = (0, 1, 2)
-AUGMENTS = ("none", "seed", "standard")
+AUGMENTS = ("none", "seed", "standard", "robust")
+#: how a run fits its softmax temperature after training (the test set never takes part)
+CALIBRATIONS = ("auto", "heldout", "val", "none")
 PRECISIONS = ("auto", "64-true", "64", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 DATA_SOURCES = ("auto", "imagefolder", "cifar10")
@@ -48,9 +50,12 @@ AUGMENT_DEFAULTS: dict[str, dict[str, float]] = {
         "brightness": 0.0,  # multiply by a factor from [1 - brightness, 1 + brightness]
     },
     "standard": {"crop_padding": 4, "flip": 0.5},  # reflect-pad, random crop; horizontal flip
+    # standard plus what real photos go through: sensor noise, soft focus, JPEG compression
+    # (docs/BENCHMARKS.md, "Choosing --augment robust"); each is the probability per image.
+    "robust": {"crop_padding": 4, "flip": 0.5, "jpeg": 0.5, "noise": 0.0, "blur": 0.0},
     "none": {},
 }
-AUGMENT_RANGES = ("shift", "flip", "zoom", "rotation", "brightness", "crop_padding")
+AUGMENT_RANGES = ("shift", "flip", "zoom", "rotation", "brightness", "crop_padding", "jpeg", "noise", "blur")
 DEFAULT_PRESET = "94"
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
 
@@ -90,14 +95,21 @@ class TrainConfig:
     split_seed: int = knob(0, "seed of the fixed train/val split", min=0, max=MAX_SEED)
     limit_train_images: int | None = knob(None, "train on the first N images of the split", min=1)
     num_workers: int = knob(0, "DataLoader workers; the data is in memory, so 0 is fastest", min=0)
+    calibrate: str = knob("auto", "fit a softmax temperature after training on: heldout (calib_size training images kept "
+                          "out), val (the validation split), none; auto: val if there is one, else heldout", choices=CALIBRATIONS)
+    calib_size: int = knob(2000, "training images held out to fit the temperature (calibrate heldout; at most a tenth of them)", min=1)
     # augmentation
-    augment: str = knob("none", "none | seed (the notebook's ops) | standard (crop+flip), on the device", choices=AUGMENTS)
+    augment: str = knob("none", "none | seed (the notebook's ops) | standard (crop+flip) | robust (+ JPEG, noise, blur), on the device",
+                        choices=AUGMENTS)
     shift: float | None = knob(None, "seed: max shift, fraction of the side", min=0.0, below=1.0)
     flip: float | None = knob(None, "seed/standard: flip probability", min=0.0, max=1.0)
     zoom: float | None = knob(None, "seed: scale range 1 +/- zoom", min=0.0, below=1.0)
     rotation: float | None = knob(None, "seed: max degrees", min=0.0, max=180.0)
     brightness: float | None = knob(None, "seed: factor range 1 +/- brightness", min=0.0, below=1.0)
-    crop_padding: int | None = knob(None, "standard: pad px before the random crop", min=0, max=16)
+    crop_padding: int | None = knob(None, "standard/robust: pad px before the random crop", min=0, max=16)
+    jpeg: float | None = knob(None, "robust: share of images re-encoded as JPEG, quality 30-95", min=0.0, max=1.0)
+    noise: float | None = knob(None, "robust: share of images given Gaussian noise, sigma up to 0.1", min=0.0, max=1.0)
+    blur: float | None = knob(None, "robust: share of images given a Gaussian blur, sigma 0.4-1.2 px", min=0.0, max=1.0)
     # trainer
     accelerator: str = knob("auto", "where to train", choices=ACCELERATORS)
     devices: int | str = knob("auto", "device count or ids like '0,1'")
@@ -120,6 +132,15 @@ class TrainConfig:
         """The augmentation ranges set explicitly (the rest take the augmentation's defaults)."""
         return {k: getattr(self, k) for k in AUGMENT_RANGES if getattr(self, k) is not None}
 
+    def calibration_split(self) -> str:
+        """Where the temperature is fitted: 'heldout', 'val' or 'none' ('auto' resolved)."""
+        if self.calibrate == "auto":
+            return "val" if self.val_size > 0 else "heldout"
+        return self.calibrate
+
+    def held_out_for_calibration(self) -> int:
+        return self.calib_size if self.calibration_split() == "heldout" else 0
+
     def model_args(self) -> dict[str, Any] | None:
         return {"widths": list(self.widths)} if self.widths and self.model == "fast" else None
 
@@ -135,7 +156,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 SECTIONS = {
     "model and optimisation": ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing",
                                "momentum", "norm_bias_lr_scale", "warmup_fraction", "whiten_bias_epochs", "widths", "tta", "lookahead"),
-    "data": ("data_dir", "data_source", "download", "val_size", "split_seed", "limit_train_images", "num_workers"),
+    "data": ("data_dir", "data_source", "download", "val_size", "split_seed", "limit_train_images", "num_workers", "calibrate",
+             "calib_size"),
     "augmentation (on the device, training batches only)": ("augment", *AUGMENT_RANGES),
     "trainer": ("accelerator", "devices", "strategy", "num_nodes", "precision", "seed", "deterministic", "max_time",
                 "channels_last", "progress_bar"),

@@ -152,8 +152,7 @@ def per_class_figure(metrics: dict) -> Figure:
     return fig
 
 
-def calibration_figure(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> Figure:
-    """Reliability diagram: accuracy against confidence per bin, with the confidence histogram."""
+def _reliability(ax: plt.Axes, hist: plt.Axes, probs: torch.Tensor, labels: torch.Tensor, n_bins: int, title: str) -> None:
     conf, pred = probs.float().max(dim=1)
     correct = (pred == labels).float()
     edges = torch.linspace(0, 1, n_bins + 1)
@@ -164,7 +163,6 @@ def calibration_figure(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 
     ece = MulticlassCalibrationError(probs.shape[1], n_bins=n_bins, norm="l1")(probs.float(), labels)
     centers = ((edges[:-1] + edges[1:]) / 2).numpy()
     width = 1 / n_bins
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(6.5, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     filled = counts > 0
     ax.bar(centers[filled], acc[filled].numpy(), width=width * 0.95, color="#0969da", label="accuracy")
     ax.bar(
@@ -175,11 +173,43 @@ def calibration_figure(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left")
-    ax.set_title(f"Reliability diagram, ECE {float(ece):.3f}")
+    ax.set_title(f"{title}, ECE {float(ece):.3f}")
     hist.bar(centers, counts.numpy(), width=width * 0.95, color="gray")
     hist.set_xlabel("confidence (top-1 probability)")
     hist.set_ylabel("images")
     hist.set_xlim(0, 1)
+
+
+def calibration_figure(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, raw_probs: torch.Tensor | None = None,
+                       temperature: float = 1.0) -> Figure:  # fmt: skip
+    """Reliability diagram: accuracy against confidence per bin, with the confidence histogram;
+    given ``raw_probs`` (before the temperature), both side by side."""
+    panels = [(raw_probs, "Before calibration (T = 1)"), (probs, f"After calibration (T = {temperature:.3f})")]
+    panels = panels if raw_probs is not None else [(probs, "Reliability diagram")]
+    fig, axes = plt.subplots(2, len(panels), figsize=(6.5 * len(panels), 7.5), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)  # fmt: skip
+    for col, (p, title) in enumerate(panels):
+        _reliability(axes[0, col], axes[1, col], p, labels, n_bins, title)
+    fig.tight_layout()
+    return fig
+
+
+def corruption_figure(results: dict) -> Figure:
+    """Heatmap of accuracy per corruption (rows) and severity (columns), labelled with what
+    each severity is."""
+    names = list(results)
+    width = max(len(v) for v in results.values())
+    acc = np.full((len(names), width), np.nan)
+    labels = np.full((len(names), width), "", dtype=object)
+    for i, name in enumerate(names):
+        for j, r in enumerate(results[name]):
+            acc[i, j] = r["accuracy"]
+            labels[i, j] = f"{r['accuracy']:.1%}\n{r['label']}"
+    fig, ax = plt.subplots(figsize=(2.2 * width + 2.5, 0.75 * len(names) + 1.5))
+    sns.heatmap(acc, annot=labels, fmt="", cmap="RdYlGn", vmin=0.5, vmax=1.0, mask=np.isnan(acc), ax=ax,
+                xticklabels=[f"severity {j + 1}" for j in range(width)], yticklabels=names, cbar_kws={"label": "accuracy"})  # fmt: skip
+    ax.set_title("Accuracy on corrupted copies of the split")
+    ax.tick_params(axis="y", rotation=0)
     fig.tight_layout()
     return fig
 
@@ -314,6 +344,17 @@ def format_table(metrics: dict, worst: int = 5) -> str:
     lines = [
         f"images {metrics['num_images']:,}   accuracy {metrics['accuracy']:.4f}   top-2 {metrics['top2_accuracy']:.4f}"
         f"   top-5 {metrics['top5_accuracy']:.4f}   loss {metrics['mean_loss']:.4f}   ECE {metrics['ece']:.4f}",
+    ]
+    if "ece_uncalibrated" in metrics:
+        lines.append(f"calibration: temperature {metrics['temperature']:.3f}, ECE {metrics['ece_uncalibrated']:.4f} before, "
+                     f"{metrics['ece']:.4f} after")  # fmt: skip
+    if metrics.get("corruptions"):
+        n = sum(len(v) for v in metrics["corruptions"].values())
+        lines.append(f"corruptions: mean accuracy {metrics['corruption_mean_accuracy']:.4f} over {n} corrupted copies, "
+                     f"mean ECE {metrics['corruption_mean_ece']:.4f}")  # fmt: skip
+        for name, rows in metrics["corruptions"].items():
+            lines.append(f"  {name:<15}" + "  ".join(f"{r['label']:>12} {r['accuracy']:.4f}" for r in rows))
+    lines += [
         "",
         f"{'class':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}",
     ]
@@ -324,6 +365,38 @@ def format_table(metrics: dict, worst: int = 5) -> str:
         lines += ["", "worst confusions (true -> predicted: images)"]
         lines += [f"  {t} -> {p}: {c}" for t, p, c in pairs]
     return "\n".join(lines)
+
+
+def _calibration_lines(metrics: dict) -> list[str]:
+    if "ece_uncalibrated" not in metrics:
+        return []
+    return [
+        "",
+        "| | ECE (15 bins) | mean loss |",
+        "| --- | --- | --- |",
+        f"| before calibration (T = 1) | {metrics['ece_uncalibrated']:.4f} | {metrics['mean_loss_uncalibrated']:.4f} |",
+        f"| after calibration (T = {metrics['temperature']:.3f}) | {metrics['ece']:.4f} | {metrics['mean_loss']:.4f} |",
+    ]
+
+
+def corruption_table(metrics: dict) -> list[str]:
+    """Markdown: accuracy (ECE) per corruption and severity, and the means."""
+    results = metrics.get("corruptions")
+    if not results:
+        return []
+    width = max(len(v) for v in results.values())
+    out = [
+        "",
+        f"Clean accuracy {metrics['accuracy']:.2%}; mean over all {sum(len(v) for v in results.values())} corrupted "
+        f"copies {metrics['corruption_mean_accuracy']:.2%} (mean ECE {metrics['corruption_mean_ece']:.4f}).",
+        "",
+        "| corruption | " + " | ".join(f"severity {j + 1}" for j in range(width)) + " |",
+        "| --- |" + " --- |" * width,
+    ]
+    for name, rows in results.items():
+        cells = [f"{r['accuracy']:.2%} ({r['label']}, ECE {r['ece']:.3f})" for r in rows] + [""] * (width - len(rows))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _markdown(metrics: dict, figures: list[str]) -> str:
@@ -338,6 +411,8 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
         "| --- | --- | --- | --- | --- |",
         f"| {metrics['accuracy']:.2%} | {metrics['top2_accuracy']:.2%} | {metrics['top5_accuracy']:.2%} "
         f"| {metrics['mean_loss']:.4f} | {metrics['ece']:.4f} |",
+        *_calibration_lines(metrics),
+        *corruption_table(metrics),
         "",
         "| class | precision | recall | F1 | support |",
         "| --- | --- | --- | --- | --- |",
@@ -351,6 +426,7 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
         "predictions.png": "Predictions on a random sample of the split",
         "misclassified.png": "The most confident mistakes",
         "calibration.png": "Calibration",
+        "corruptions.png": "Accuracy under corruptions",
         "curves.png": "Training curves",
     }
     for name in figures:
@@ -368,11 +444,24 @@ def write_report(
     run_dir: Path | None = None,
     grid: int = 25,
     n_bins: int = 15,
+    raw_probs: torch.Tensor | None = None,
+    corruptions: dict | None = None,
 ) -> dict:
-    """Write metrics.json, every figure and report.md into out_dir; return the metrics."""
+    """Write metrics.json, every figure and report.md into out_dir; return the metrics.
+    ``raw_probs``: the same predictions before the temperature (ECE before and after);
+    ``corruptions``: {name: [{severity, label, accuracy, ece}, ...]} from cifar-evaluate."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = {**meta, **compute_metrics(probs, labels, class_names, n_bins)}
+    if raw_probs is not None:
+        ece = MulticlassCalibrationError(len(class_names), n_bins=n_bins, norm="l1")
+        metrics["ece_uncalibrated"] = float(ece(raw_probs.float(), labels))
+        metrics["mean_loss_uncalibrated"] = float(F.nll_loss(raw_probs.float().clamp_min(1e-12).log(), labels))
+    if corruptions:
+        cells = [r for rows in corruptions.values() for r in rows]
+        metrics["corruptions"] = corruptions
+        metrics["corruption_mean_accuracy"] = sum(r["accuracy"] for r in cells) / len(cells)
+        metrics["corruption_mean_ece"] = sum(r["ece"] for r in cells) / len(cells)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     figures: dict[str, Figure] = {
         "confusion.png": confusion_figure(metrics["confusion_matrix"], class_names),
@@ -394,7 +483,9 @@ def write_report(
         ax.axis("off")
         ax.text(0.5, 0.5, "no mistakes on this split", ha="center", va="center", fontsize=14)
         figures["misclassified.png"] = fig
-    figures["calibration.png"] = calibration_figure(probs, labels, n_bins)
+    figures["calibration.png"] = calibration_figure(probs, labels, n_bins, raw_probs, float(meta.get("temperature") or 1.0))
+    if corruptions:
+        figures["corruptions.png"] = corruption_figure(corruptions)
     curves = curves_figure(read_curves(run_dir))
     if curves is not None:
         figures["curves.png"] = curves

@@ -160,14 +160,16 @@ class CheckUploads:
 class ClassifierAPI(ls.LitAPI):
     """The worker side: batches of valid 32x32 images -> top-k classes with probabilities."""
 
-    def __init__(self, model: str, accelerator: str = "cpu", max_batch_size: int = 32, batch_timeout: float = 0.005) -> None:
+    def __init__(self, model: str, accelerator: str = "cpu", max_batch_size: int = 32, batch_timeout: float = 0.005,
+                 calibrate: bool = True) -> None:  # fmt: skip
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict")
-        self.model_path, self.accelerator = model, accelerator
+        self.model_path, self.accelerator, self.calibrate = model, accelerator, calibrate
 
     def setup(self, device: str) -> None:
         from cifar_lightning.inference import load_classifier
 
-        self.clf = load_classifier(self.model_path, device=device if self.model_path.endswith((".ckpt", ".safetensors")) else "cpu")
+        device = device if self.model_path.endswith((".ckpt", ".safetensors")) else "cpu"
+        self.clf = load_classifier(self.model_path, device=device, calibrate=self.calibrate)
         self.name = str(self.clf.info.get("model") or Path(self.model_path).stem)
 
     def decode_request(self, request: dict) -> dict:
@@ -222,18 +224,21 @@ def model_info(model: str | Path, clf: Any) -> dict[str, Any]:
         "test_accuracy": accuracy,
         "test_time_augmentation": bool(clf.tta),
         "tta_level": int(clf.tta),
+        # Probabilities divided by the model's fitted temperature (1.0: raw, or never fitted).
+        "calibrated": clf.calibrated,
+        "temperature": clf.temperature,
     }
 
 
 def build_server(model: str | Path, max_batch_size: int = 32, batch_timeout: float = 0.005, workers: int = 1,
-                 accelerator: str = "cpu", top_k: int = 5, max_upload_mb: float = 10) -> ls.LitServer:  # fmt: skip
+                 accelerator: str = "cpu", top_k: int = 5, max_upload_mb: float = 10, calibrate: bool = True) -> ls.LitServer:  # fmt: skip
     """The server object, for ``server.run(...)`` or for tests (``server.app`` is FastAPI). The
     model is loaded here first, so a bad MODEL fails at once with a ModelError."""
     from cifar_lightning.inference import load_classifier
 
-    clf = load_classifier(model)  # refuses a bad, unsafe or foreign model file before any worker starts
+    clf = load_classifier(model, calibrate=calibrate)  # refuses a bad, unsafe or foreign model file before any worker starts
     info = model_info(model, clf)
-    api = ClassifierAPI(str(model), accelerator, max_batch_size, batch_timeout)
+    api = ClassifierAPI(str(model), accelerator, max_batch_size, batch_timeout, calibrate)
     server = ls.LitServer(
         api, accelerator="cuda" if accelerator in ("gpu", "cuda") else accelerator, workers_per_device=workers,
         info_path="/litserve/info", model_metadata=info, max_payload_size=int(max_upload_mb * (1 << 20)) + 65536,

@@ -142,6 +142,7 @@ def build_data(cfg: TrainConfig) -> CIFAR10DataModule:
         data_dir=cfg.data_dir, batch_size=cfg.batch_size, val_size=cfg.val_size, split_seed=cfg.split_seed,
         limit_train_images=cfg.limit_train_images, augment=cfg.augment, augment_options=cfg.augment_options(),
         source=cfg.data_source, num_workers=cfg.num_workers, download=cfg.download, shuffle_seed=cfg.seed,
+        calib_size=cfg.held_out_for_calibration(),
     )  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
@@ -271,8 +272,10 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, classes: list[str], checkpoin
     )  # fmt: skip
 
 
-def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, checkpoints: Checkpoints) -> tuple[dict, str]:
-    """Step 4: train (resuming if asked), then test the chosen checkpoint on the test set.
+def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, checkpoints: Checkpoints,
+                 calibrate: str = "none") -> tuple[dict, str]:  # fmt: skip
+    """Step 4: train (resuming if asked), fit the softmax temperature of the final checkpoints
+    (``calibrate``: 'heldout', 'val' or 'none'), then test the chosen one on the test set.
     Returns (test metrics, the checkpoint tested)."""
     try:
         trainer.fit(start.module, datamodule=dm, ckpt_path=str(start.resume_ckpt) if start.resume_ckpt else None)
@@ -291,7 +294,22 @@ def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, che
     if trainer.interrupted:
         raise ConfigError(f"training interrupted; resume with: cifar-train --resume {start.run_dir / 'checkpoints' / 'last.ckpt'}")
     tested = checkpoints.tested()
+    if calibrate != "none":
+        calibrate_checkpoints(trainer, dm, [tested, checkpoints.last.last_model_path], calibrate)
     return trainer.test(start.module, datamodule=dm, ckpt_path=tested, verbose=False)[0], tested
+
+
+def calibrate_checkpoints(trainer: L.Trainer, dm: CIFAR10DataModule, paths: list[str], split: str) -> None:
+    """Step 4b: fit each final checkpoint's temperature on the calibration (or validation)
+    images and store it in the file. Every process computes the same T; rank 0 writes."""
+    from cifar_lightning.calibration import calibrate_checkpoint
+
+    ds = dm.calib_set if split == "heldout" else dm.val_set
+    if ds is None or len(ds) == 0:
+        raise ConfigError(f"--calibrate {split}: no images to fit the temperature on (check --calib-size / --val-size)")
+    for path in dict.fromkeys(p for p in paths if p and Path(p).is_file()):
+        calibrate_checkpoint(Path(path), ds.images, ds.labels, split, trainer.strategy.root_device, write=trainer.is_global_zero)
+    trainer.strategy.barrier("calibrated")
 
 
 def write_results(cfg: TrainConfig, trainer: L.Trainer, run_dir: Path, test_metrics: dict, tested: str,
@@ -302,6 +320,10 @@ def write_results(cfg: TrainConfig, trainer: L.Trainer, run_dir: Path, test_metr
     results = {
         "test_acc": float(test_metrics["test_acc"]),
         "test_loss": float(test_metrics["test_loss"]),
+        # 15-bin ECE of the test probabilities with the fitted temperature, and without it.
+        "test_ece": float(test_metrics["test_ece"]),
+        "test_ece_uncalibrated": float(test_metrics["test_ece_uncalibrated"]),
+        "calibration": calibration_entry(tested),
         "best_val_acc": float(best.best_model_score) if best and best.best_model_score is not None else None,
         "best_checkpoint": str(tested),
         "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
@@ -317,12 +339,20 @@ def write_results(cfg: TrainConfig, trainer: L.Trainer, run_dir: Path, test_metr
         atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
         # The HPARAMS tab of TensorBoard: this run's configuration next to its final metrics.
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()}
-        final = {"hp/test_acc": results["test_acc"], "hp/test_loss": results["test_loss"]}
+        final = {"hp/test_acc": results["test_acc"], "hp/test_loss": results["test_loss"], "hp/test_ece": results["test_ece"]}
         if results["best_val_acc"] is not None:
             final["hp/best_val_acc"] = results["best_val_acc"]
         trainer.logger.log_hyperparams(hparams, final)
         trainer.logger.finalize("success")
     return {**results, "global_rank": trainer.global_rank}
+
+
+def calibration_entry(path: str) -> dict | None:
+    """What the tested checkpoint records about its temperature (None: not calibrated)."""
+    try:
+        return load_checkpoint(path).get("calibration") if path else None
+    except Exception:  # the figures are reported; a read failure must not lose the run's results
+        return None
 
 
 def run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
@@ -347,7 +377,7 @@ def run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) ->
         if not start.resume_ckpt:  # a new run that never started: leave no empty run directory behind
             shutil.rmtree(start.run_dir, ignore_errors=True)
         raise
-    test_metrics, tested = fit_and_test(trainer, start, dm, checkpoints)
+    test_metrics, tested = fit_and_test(trainer, start, dm, checkpoints, cfg.calibration_split())
     return write_results(cfg, trainer, start.run_dir, test_metrics, tested, checkpoints, time.perf_counter() - t0)
 
 
@@ -359,8 +389,18 @@ def summary(r: dict[str, Any]) -> str:
         "\n"
         f"test accuracy   {r['test_acc']:.4f}   (official test set, {Path(r['best_checkpoint']).name})\n"
         f"test loss       {r['test_loss']:.4f}\n"
+        f"calibration     {calibration_line(r)}\n"
         f"wall time       {r['wall_seconds']:.1f} s   ({mean_epoch:.1f} s per training epoch, {len(per_epoch)} epochs this session)\n"
         f"best checkpoint {r['best_checkpoint']}\n"
         f"results         {Path(r['run_dir']) / 'results.json'}\n"
         f"watch it        tensorboard --logdir {Path(r['run_dir']).parent}"
     )
+
+
+def calibration_line(r: dict[str, Any]) -> str:
+    cal = r.get("calibration")
+    ece, raw = r.get("test_ece"), r.get("test_ece_uncalibrated")
+    if not cal:
+        return f"none (test ECE {ece:.4f})" if ece is not None else "none"
+    return (f"temperature {cal['temperature']:.3f} fitted on {cal['images']} {cal['fitted_on']} images; "
+            f"test ECE {raw:.4f} -> {ece:.4f}")  # fmt: skip

@@ -81,9 +81,32 @@ def test_split_is_seeded_disjoint_and_independent_of_the_training_seed(imagefold
     (t1, v1), (t2, v2) = split(0), split(1)
     assert torch.equal(t1, t2) and torch.equal(v1, v2)
     assert len(t1) == 90 and len(v1) == 30
-    a, b = data.seeded_split(120, 30, seed=0)
+    a, b, c = data.seeded_split(120, 30, seed=0)
     assert set(a.tolist()).isdisjoint(b.tolist()) and len(set(a.tolist()) | set(b.tolist())) == 120
+    assert len(c) == 0
     assert not torch.equal(data.seeded_split(120, 30, seed=1)[1], b)
+
+
+def test_calibration_split_never_overlaps_train_validation_or_test(imagefolder: Path) -> None:
+    """The images that fit the temperature are training images no step trained on, apart from
+    the validation split, and never test images; holding them out leaves validation as it was."""
+    plain = CIFAR10DataModule(str(imagefolder), val_size=30)
+    plain.setup()
+    dm = CIFAR10DataModule(str(imagefolder), val_size=30, calib_size=2000)  # capped at a tenth of the 90 left
+    dm.setup()
+    assert len(dm.calib_set) == 9 and len(dm.train_set) == 81 and torch.equal(dm.val_set.images, plain.val_set.images)
+    train_idx, val_idx, calib_idx = data.seeded_split(120, 30, seed=0, calib_size=20)
+    ids = [set(t.tolist()) for t in (train_idx, val_idx, calib_idx)]
+    assert ids[0].isdisjoint(ids[1]) and ids[0].isdisjoint(ids[2]) and ids[1].isdisjoint(ids[2])
+    assert len(ids[0] | ids[1] | ids[2]) == 120
+    # By content too: no calibration image is a training, validation or test image.
+    def rows(ds: object) -> set[bytes]:
+        return {im.numpy().tobytes() for im in ds.images}
+
+    calib = rows(dm.calib_set)
+    assert calib.isdisjoint(rows(dm.train_set)) and calib.isdisjoint(rows(dm.val_set)) and calib.isdisjoint(rows(dm.test_set))
+    with pytest.raises(DataError, match="--calib-size"):
+        data.seeded_split(120, 30, seed=0, calib_size=90)
 
 
 def test_limit_train_images_takes_the_first_n_of_the_split(imagefolder: Path) -> None:
