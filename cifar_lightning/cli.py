@@ -138,8 +138,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", choices=ACCELERATORS, default="auto")
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--grid", type=_positive_int, default=25, help="images in predictions.png and misclassified.png")
-    p.add_argument("--corruptions", action="store_true",
-                   help="also score corrupted copies of the split (JPEG, noise, blur, brightness, contrast, pixelation)")
+    p.add_argument("--corruptions", nargs="?", const="all", metavar="NAMES",
+                   help="also score corrupted copies of the split: all (JPEG, noise, blur, brightness, contrast, pixelation), "
+                   "or some, e.g. jpeg,gaussian_noise")
     p.add_argument("--seed", type=int, default=0, help="seed of the corruptions' noise (default 0)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="raw probabilities: leave out the temperature fitted after training")

@@ -47,14 +47,29 @@ def report_dir(model_path: Path, run_dir: Path | None, out: str | None, overwrit
     return claim_free_dir(model_path.with_name(f"{model_path.stem}_report"))
 
 
-def score_corruptions(clf: Classifier, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
-                      batch_size: int = 500) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+def corruption_names(spec: str | None) -> list[str]:
+    """--corruptions all | a comma-separated list of names -> the names (ConfigError if unknown)."""
+    from cifar_lightning.corruptions import CORRUPTIONS
+
+    if not spec:
+        return []
+    names = list(CORRUPTIONS) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CORRUPTIONS]
+    if unknown or not names:
+        raise ConfigError(f"--corruptions {spec!r}: choose all or from {', '.join(CORRUPTIONS)}")
+    return list(dict.fromkeys(names))
+
+
+def score_corruptions(clf: Classifier, images: torch.Tensor, labels: torch.Tensor, seed: int = 0, batch_size: int = 500,
+                      names: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
     """Accuracy and ECE on every corrupted copy of the images (``corruptions.SEVERITIES``)."""
     from cifar_lightning import corruptions
     from cifar_lightning.calibration import ece
 
     results: dict[str, list[dict[str, Any]]] = {}
     for name, severity in corruptions.all_levels():
+        if names is not None and name not in names:
+            continue
         t0 = time.perf_counter()
         probs = clf.probabilities(corruptions.corrupt(images, name, severity, seed), batch_size)
         row = {
@@ -69,11 +84,12 @@ def score_corruptions(clf: Classifier, images: torch.Tensor, labels: torch.Tenso
 
 def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test", out: str | None = None, overwrite: bool = False,
              device: str = "cpu", batch_size: int = 500, grid: int = 25, download: bool = True, calibrate: bool = True,
-             corruptions: bool = False, seed: int = 0) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+             corruptions: str | None = None, seed: int = 0) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     """Classify every image of the split with the model file and write the report. Returns
     (report folder, metrics). ``calibrate=False`` scores the raw probabilities; ``corruptions``
-    also scores corrupted copies of the split (``corruptions.py``)."""
+    ('all' or names, comma-separated) also scores corrupted copies of the split (``corruptions.py``)."""
     model_path = Path(model)
+    names = corruption_names(corruptions)
     clf = load_classifier(model_path, device=device, calibrate=calibrate)  # refuses unsafe or foreign files before anything else
     source = source_checkpoint(model_path, clf)
     run_cfg = saved_run_config(source)
@@ -106,7 +122,7 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     probs = clf.to_probabilities(logits)
     # The same predictions before the temperature: logits times T undoes the division.
     raw_probs = (logits * clf.temperature).softmax(-1) if clf.calibrated else None
-    scored = score_corruptions(clf, ds.images, ds.labels, seed, batch_size) if corruptions else None
+    scored = score_corruptions(clf, ds.images, ds.labels, seed, batch_size, names) if names else None
     meta = {
         "model": clf.info.get("model"),
         "checkpoint": str(model_path),

@@ -52,7 +52,7 @@ AUGMENT_DEFAULTS: dict[str, dict[str, float]] = {
     "standard": {"crop_padding": 4, "flip": 0.5},  # reflect-pad, random crop; horizontal flip
     # standard plus what real photos go through: sensor noise, soft focus, JPEG compression
     # (docs/BENCHMARKS.md, "Choosing --augment robust"); each is the probability per image.
-    "robust": {"crop_padding": 4, "flip": 0.5, "jpeg": 0.5, "noise": 0.0, "blur": 0.0},
+    "robust": {"crop_padding": 4, "flip": 0.5, "jpeg": 0.5, "noise": 0.2, "blur": 0.2},
     "none": {},
 }
 AUGMENT_RANGES = ("shift", "flip", "zoom", "rotation", "brightness", "crop_padding", "jpeg", "noise", "blur")

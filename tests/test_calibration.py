@@ -1,0 +1,130 @@
+"""Calibration: the temperature is fitted on images no step trained on, lives in the checkpoint
+and in every export, and every path gives the same calibrated (or, asked, raw) probabilities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import call, train_tiny_run
+
+from cifar_lightning import load_classifier
+from cifar_lightning.calibration import fit_temperature
+from cifar_lightning.cli import evaluate_main, export_main, predict_main
+from cifar_lightning.images import normalize
+from cifar_lightning.inference import as_uint8_batch
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny 2-epoch run of the fast network, calibrated on a held-out split, in every format."""
+    root = tmp_path_factory.mktemp("calibrated")
+    tree, run = train_tiny_run(
+        root, "--model", "fast", "--widths", "8,16,16", "--val-size", "0", "--calibrate", "heldout", "--calib-size", "10",
+        "--tta", "2", "--batch-size", "16", "--log-images-every", "0", epochs=2,
+    )  # fmt: skip
+    paths = {"tree": tree, "run": run, "ckpt": run / "checkpoints" / "last.ckpt", "root": root}
+    for fmt in ("safetensors", "onnx", "torchscript"):
+        paths[fmt] = root / f"model.{fmt}"
+        assert call(export_main, [str(paths["ckpt"]), "--format", fmt, "--out", str(paths[fmt])]) == 0
+    paths["onnx_raw"] = root / "raw.onnx"
+    assert call(export_main, [str(paths["ckpt"]), "--format", "onnx", "--out", str(paths["onnx_raw"]), "--no-calibrate"]) == 0
+    return paths
+
+
+def test_a_fitted_temperature_is_recovered_from_labels_drawn_at_that_temperature() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20_000, 10, generator=g) * 3
+    for true_t in (0.5, 2.0):
+        labels = torch.multinomial((logits / true_t).softmax(-1), 1, generator=g).flatten()
+        assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.05)
+    # a model no better than chance: a large, finite temperature (near-uniform probabilities)
+    noise = torch.randint(0, 10, (2000,), generator=g)
+    assert 3 < fit_temperature(torch.randn(2000, 10, generator=g) * 5, noise) <= 100
+
+
+def test_the_run_records_its_temperature_and_the_test_ece_before_and_after(calibrated) -> None:
+    results = json.loads((calibrated["run"] / "results.json").read_text())
+    cal = results["calibration"]
+    assert cal["fitted_on"] == "heldout" and cal["images"] == 10 and cal["temperature"] > 0
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9  # T minimises the NLL of the images it was fitted on
+    assert 0 <= results["test_ece"] <= 1 and 0 <= results["test_ece_uncalibrated"] <= 1
+    ckpt = torch.load(calibrated["ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt["calibration"]["temperature"] == cal["temperature"]
+
+
+def test_temperature_round_trips_through_checkpoint_safetensors_onnx_and_torchscript(calibrated) -> None:
+    files = sorted((calibrated["tree"] / "test").rglob("*.png"))
+    t = json.loads((calibrated["run"] / "results.json").read_text())["calibration"]["temperature"]
+    ckpt = load_classifier(calibrated["ckpt"])
+    assert ckpt.temperature == pytest.approx(t)
+    _, ref = ckpt.predict(files)
+    _, raw = load_classifier(calibrated["ckpt"], calibrate=False).predict(files)
+    assert not torch.allclose(ref, raw, atol=1e-3)  # the temperature changes the probabilities...
+    assert torch.equal(ref.argmax(1), raw.argmax(1))  # ...and never a prediction
+    for key in ("safetensors", "onnx", "onnx_raw"):
+        _, probs = load_classifier(calibrated[key]).predict(files)
+        assert torch.allclose(probs, ref, atol=1e-5), key
+        _, raw_probs = load_classifier(calibrated[key], calibrate=False).predict(files)
+        assert torch.allclose(raw_probs, raw, atol=1e-5), key
+    scripted = torch.jit.load(str(calibrated["torchscript"]))
+    assert torch.allclose(scripted(normalize(as_uint8_batch(files))).softmax(1), ref, atol=1e-5)
+    meta = {k: json.loads((calibrated[k].parent / f"{calibrated[k].name}.json").read_text()) for k in ("safetensors", "onnx", "onnx_raw")}
+    assert all(m["temperature"] == pytest.approx(t) for m in meta.values())
+    assert [m["temperature_in_graph"] for m in meta.values()] == [False, True, False]
+
+
+def test_predict_prints_calibrated_probabilities_unless_told_not_to(calibrated, capsys) -> None:
+    image = str(sorted((calibrated["tree"] / "test").rglob("*.png"))[0])
+    outs = []
+    for flags in ([], ["--no-calibrate"]):
+        assert call(predict_main, [str(calibrated["ckpt"]), image, "--json", *flags]) == 0
+        outs.append(json.loads(capsys.readouterr().out)[0]["top_k"][0]["probability"])
+    _, probs = load_classifier(calibrated["ckpt"]).predict([image])
+    _, raw = load_classifier(calibrated["ckpt"], calibrate=False).predict([image])
+    assert outs == [pytest.approx(float(probs.max())), pytest.approx(float(raw.max()))]
+
+
+def test_evaluate_reports_ece_before_and_after_with_both_reliability_diagrams(calibrated, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert call(evaluate_main, [str(calibrated["onnx"]), "--data-dir", str(calibrated["tree"]), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    results = json.loads((calibrated["run"] / "results.json").read_text())
+    assert metrics["calibrated"] and metrics["temperature"] == pytest.approx(results["calibration"]["temperature"])
+    assert metrics["ece"] == pytest.approx(results["test_ece"], abs=1e-5)
+    assert metrics["ece_uncalibrated"] == pytest.approx(results["test_ece_uncalibrated"], abs=1e-5)
+    report = (out / "report.md").read_text()
+    assert "before calibration (T = 1)" in report and (out / "calibration.png").stat().st_size > 0
+    raw_out = tmp_path / "raw"
+    assert call(evaluate_main, [str(calibrated["ckpt"]), "--out", str(raw_out), "--no-calibrate"]) == 0
+    raw = json.loads((raw_out / "metrics.json").read_text())
+    assert not raw["calibrated"] and raw["ece"] == pytest.approx(results["test_ece_uncalibrated"], abs=1e-5)
+
+
+def test_calibrate_none_fits_nothing_and_keeps_the_training_images(tmp_path: Path) -> None:
+    _, run = train_tiny_run(tmp_path, "--calibrate", "none", "--log-images-every", "0")
+    results = json.loads((run / "results.json").read_text())
+    assert results["calibration"] is None and results["test_ece"] == pytest.approx(results["test_ece_uncalibrated"])
+    assert load_classifier(results["best_checkpoint"]).temperature == 1.0
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), "hot"])
+def test_a_damaged_temperature_is_refused_with_one_line(calibrated, tmp_path: Path, capsys, bad: object) -> None:
+    ckpt = torch.load(calibrated["ckpt"], map_location="cpu", weights_only=True)
+    ckpt["calibration"]["temperature"] = bad
+    path = tmp_path / "bad.ckpt"
+    torch.save(ckpt, path)
+    image = str(sorted((calibrated["tree"] / "test").rglob("*.png"))[0])
+    assert call(predict_main, [str(path), image]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "temperature" in err[0]
+    side = json.loads((calibrated["root"] / "model.safetensors.json").read_text())
+    side["temperature"] = bad if not isinstance(bad, float) or bad == bad else None
+    if side["temperature"] is not None:
+        copy = tmp_path / "m.safetensors"
+        copy.write_bytes(calibrated["safetensors"].read_bytes())
+        (tmp_path / "m.safetensors.json").write_text(json.dumps(side))
+        assert call(predict_main, [str(copy), image]) == 2
+        assert "temperature" in capsys.readouterr().err
