@@ -94,6 +94,11 @@ class ImageClassifier(L.LightningModule):
         images = dm.train_set.images[: self.hparams.whitening_images]
         init(normalize(images).to(self.device))
 
+    def on_train_start(self) -> None:
+        # The weights are about to change: a temperature fitted to earlier ones (a resumed,
+        # calibrated checkpoint) must not ride along in the checkpoints saved from here on.
+        self.calibration = None
+
     def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
         # The whitening bias trains for the first few epochs only, then stays fixed (airbench).
         # Per batch, not per epoch: a run resumed mid-epoch gets no epoch-start hook.

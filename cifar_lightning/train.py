@@ -295,7 +295,7 @@ def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, che
         raise ConfigError(f"training interrupted; resume with: cifar-train --resume {start.run_dir / 'checkpoints' / 'last.ckpt'}")
     tested = checkpoints.tested()
     if calibrate != "none":
-        calibrate_checkpoints(trainer, dm, [tested, checkpoints.last.last_model_path], calibrate)
+        calibrate_checkpoints(trainer, dm, [tested, checkpoints.last_good()], calibrate)
     return trainer.test(start.module, datamodule=dm, ckpt_path=tested, verbose=False)[0], tested
 
 

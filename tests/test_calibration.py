@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import call, train_tiny_run
+from conftest import call, tiny_train_argv, train_tiny_run
 
 from cifar_lightning import load_classifier
 from cifar_lightning.calibration import fit_temperature
-from cifar_lightning.cli import evaluate_main, export_main, predict_main
+from cifar_lightning.cli import evaluate_main, export_main, predict_main, train_main
 from cifar_lightning.images import normalize
 from cifar_lightning.inference import as_uint8_batch
 
@@ -128,3 +128,15 @@ def test_a_damaged_temperature_is_refused_with_one_line(calibrated, tmp_path: Pa
         (tmp_path / "m.safetensors.json").write_text(json.dumps(side))
         assert call(predict_main, [str(copy), image]) == 2
         assert "temperature" in capsys.readouterr().err
+
+
+def test_a_resumed_calibrated_run_refits_its_temperature_for_its_new_weights(tmp_path: Path) -> None:
+    tree, run = train_tiny_run(tmp_path, "--log-images-every", "0")
+    last = run / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=True)["calibration"]["temperature"]
+    argv = tiny_train_argv(tree, tmp_path / "logs", "--resume", str(last), "--epochs", "3", "--log-images-every", "0")
+    assert call(train_main, argv) == 0
+    after = torch.load(last, map_location="cpu", weights_only=True)
+    assert after["epoch"] == 2 and after["calibration"]["temperature"] != first
+    results = json.loads((run / "results.json").read_text())
+    assert results["calibration"]["temperature"] == load_classifier(results["best_checkpoint"]).temperature
