@@ -150,8 +150,10 @@ def test_a_default_run_logs_test_images_the_lr_per_step_and_its_versions(fast_ru
         tags["scalars"] += [(t, len(acc.Scalars(t))) for t in acc.Tags()["scalars"]]
     assert {"test/confusion", "test/predictions"} <= set(tags["images"])
     lr = [n for t, n in tags["scalars"] if t.startswith("lr-")]
-    steps = json.loads((fast_run["run"] / "results.json").read_text())["epochs_run"] * 4  # 100 images / batch 32
-    assert lr and max(lr) >= steps  # one point per step, not per epoch
     results = json.loads((fast_run["run"] / "results.json").read_text())
+    # 120 training images less 20 for validation and those held out for calibration, batch 32
+    train_images = 120 - 20 - results["calibration"]["images"]
+    steps = results["epochs_run"] * -(-train_images // 32)
+    assert lr and max(lr) >= steps  # one point per step, not per epoch
     assert set(results["versions"]) >= {"cifar_lightning", "torch", "lightning"}
     assert results["versions"]["torch"] == torch.__version__
