@@ -121,6 +121,8 @@ def check_before_start(cfg: TrainConfig) -> None:
     from lightning.pytorch.strategies import StrategyRegistry
 
     check_model_name(cfg)
+    if cfg.calibrate == "val" and cfg.val_size == 0:
+        raise ConfigError("--calibrate val needs a validation split (--val-size > 0); use --calibrate heldout or auto")
     if cfg.strategy != "auto" and cfg.strategy not in StrategyRegistry.available_strategies():
         raise ConfigError(f"--strategy {cfg.strategy!r}: not a Lightning strategy; e.g. auto, ddp, ddp_spawn, fsdp")
     if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():

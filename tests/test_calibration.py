@@ -140,3 +140,13 @@ def test_a_resumed_calibrated_run_refits_its_temperature_for_its_new_weights(tmp
     assert after["epoch"] == 2 and after["calibration"]["temperature"] != first
     results = json.loads((run / "results.json").read_text())
     assert results["calibration"]["temperature"] == load_classifier(results["best_checkpoint"]).temperature
+
+
+def test_the_seed_recipe_without_a_validation_split_calibrates_on_held_out_images(tmp_path: Path, capsys) -> None:
+    _, run = train_tiny_run(tmp_path, "--val-size", "0", "--log-images-every", "0")
+    cal = json.loads((run / "results.json").read_text())["calibration"]
+    assert cal["fitted_on"] == "heldout" and cal["images"] == 12  # a tenth of the 120 training images
+    argv = tiny_train_argv(tmp_path / "tree", tmp_path / "logs2", "--val-size", "0", "--calibrate", "val")
+    assert call(train_main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--calibrate val" in err[-1] and not (tmp_path / "logs2").exists()
