@@ -195,3 +195,14 @@ def test_a_refit_run_can_itself_be_resumed(imagefolder: Path, tmp_path: Path) ->
     assert run_train(["--resume", "last", "--log-dir", str(logs), "--epochs", "2"]) == 0
     results = json.loads((logs / "version_1/results.json").read_text())
     assert results["epochs_run"] == 2 and results["config"]["init_from"].endswith("version_0/checkpoints/last.ckpt")
+
+
+def test_the_keras_benchmark_says_how_to_install_keras_when_it_is_missing() -> None:
+    probe = (
+        "import runpy, sys\n"
+        "sys.modules['keras'] = None\n"  # as if the optional extra were not installed
+        "sys.argv = ['benchmark_keras.py', '--data-dir', 'nowhere']\n"
+        f"runpy.run_path({str(REPO / 'scripts' / 'benchmark_keras.py')!r}, run_name='__main__')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "pip install -e '.[keras]'" in out.stderr
