@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from cifar_lightning.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from cifar_lightning.module import ImageClassifier
 
 N_BINS = 15  # ECE bins, as cifar-evaluate reports it (torchmetrics, L1)
 
@@ -75,35 +78,31 @@ def summary(logits: torch.Tensor, labels: torch.Tensor, t: float, split: str) ->
     }
 
 
+def usable_temperature(t: Any) -> bool:
+    """A temperature read from a file is usable when it is a finite number > 0."""
+    return not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t) and t > 0
+
+
 def temperature_of(calibration: Any, where: str | Path = "checkpoint") -> float:
     """T from a checkpoint's ``calibration`` entry (1.0 when it has none); a damaged one is an
     error, never a silent 1.0."""
     if calibration is None:
         return 1.0
     t = calibration.get("temperature") if isinstance(calibration, dict) else None
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+    if not usable_temperature(t):
         raise CheckpointError(f"{where}: its calibration temperature {t!r} is not a positive number")
     return float(t)
 
 
-@torch.no_grad()
-def calibration_logits(net: torch.nn.Module, images: torch.Tensor, tta: int, device: torch.device | str,
-                       batch_size: int = 500) -> torch.Tensor:  # fmt: skip
-    """Float32 logits with the model's test-time views: exactly what inference will divide by T."""
-    from cifar_lightning.images import normalize
-    from cifar_lightning.models import tta_logits
+def calibration_logits(module: ImageClassifier, images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Raw float32 logits of a loaded (not training) module with its test-time views, through
+    the one inference path (``inference.Classifier``): exactly what inference divides by T."""
+    from cifar_lightning.images import CLASSES
+    from cifar_lightning.inference import Classifier
+    from cifar_lightning.models import with_tta
 
-    was_training = net.training
-    net.eval()
-    out = []
-    try:
-        with torch.autocast(torch.device(device).type, enabled=False):
-            for i in range(0, len(images), batch_size):
-                x = normalize(images[i : i + batch_size].to(device))
-                out.append(tta_logits(net, x, tta).float().cpu())
-    finally:
-        net.train(was_training)
-    return torch.cat(out)
+    net = with_tta(module.net.eval(), module.hparams.tta).to(device)
+    return Classifier(net, module.hparams.class_names or CLASSES, device=str(device)).logits(images, batch_size=500)
 
 
 def calibrate_checkpoint(path: Path, images: torch.Tensor, labels: torch.Tensor, split: str, device: torch.device | str,
@@ -114,7 +113,7 @@ def calibrate_checkpoint(path: Path, images: torch.Tensor, labels: torch.Tensor,
 
     ckpt = load_checkpoint(path)
     module = classifier_from_checkpoint(ckpt, path).to(device)
-    logits = calibration_logits(module.net, images, module.hparams.tta, device)
+    logits = calibration_logits(module, images, device)
     entry = summary(logits, labels.cpu(), fit_temperature(logits, labels), split)
     if write:
         ckpt["calibration"] = entry

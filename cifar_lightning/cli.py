@@ -32,6 +32,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _no_calibrate_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="raw probabilities: leave out the temperature fitted after training")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -143,8 +148,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="also score corrupted copies of the split: all (JPEG, noise, blur, brightness, contrast, pixelation), "
                    "or some, e.g. jpeg,gaussian_noise")
     p.add_argument("--seed", type=int, default=0, help="seed of the corruptions' noise (default 0)")
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="raw probabilities: leave out the temperature fitted after training")
+    _no_calibrate_flag(p)
     p.add_argument("--no-download", dest="download", action="store_false", help="never download CIFAR-10")
     return p
 
@@ -282,8 +286,7 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON list instead of tables")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--accelerator", choices=ACCELERATORS, default="cpu")
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="raw probabilities: leave out the temperature fitted after training")
+    _no_calibrate_flag(p)
     return p
 
 
@@ -326,8 +329,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", choices=("cpu", "cuda", "gpu", "mps", "auto"), default="cpu")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes per answer unless the request says (default 5)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads are refused unread (default 10)")
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="raw probabilities: leave out the temperature fitted after training")
+    _no_calibrate_flag(p)
     return p
 
 

@@ -144,6 +144,7 @@ def read_sidecar(model_path: Path, required: bool) -> dict:
 
 def check_metadata(meta: dict, where: Path | str) -> None:
     """Export metadata is input like any other: wrong types or values give one ModelError."""
+    from cifar_lightning.calibration import usable_temperature
     from cifar_lightning.checkpoint import network_spec_problem
 
     problem = network_spec_problem(meta.get("model"), meta.get("model_args", {}), meta.get("class_names"))
@@ -154,8 +155,7 @@ def check_metadata(meta: dict, where: Path | str) -> None:
             problem = problem or f"{key!r} must be three finite numbers{' > 0' if positive else ''}"
     if meta.get("tta", 0) not in TTA_LEVELS or isinstance(meta.get("tta", 0), bool):
         problem = problem or f"'tta' must be one of {TTA_LEVELS}"
-    t = meta.get("temperature")
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0)):
+    if meta.get("temperature") is not None and not usable_temperature(meta["temperature"]):
         problem = problem or "'temperature' must be a positive number or null"
     if not isinstance(meta.get("temperature_in_graph", False), bool):
         problem = problem or "'temperature_in_graph' must be true or false"
@@ -244,7 +244,6 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
     graph has its views built in). ``calibrate=False`` gives the raw, uncalibrated probabilities
     instead of those with the model's fitted temperature."""
     from cifar_lightning import models
-    from cifar_lightning.calibration import temperature_of
 
     path = Path(path)
     if path.is_dir():
@@ -286,7 +285,7 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
             raise ModelError(str(e)) from None
         hp = module.hparams
         level = hp.tta if tta is None else tta
-        fitted = temperature_of(module.calibration, path)
+        fitted = module.temperature  # checked on loading
         t = fitted if calibrate else 1.0
         net = models.with_tta(module.net.eval(), level, t).to(device)
         names = list(hp.class_names or CLASSES)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from cifar_lightning import models
+from cifar_lightning.calibration import N_BINS
 from cifar_lightning.images import normalize
 from cifar_lightning.recipes import OPTIMIZERS, SCHEDULES, TTA_LEVELS
 
@@ -68,8 +69,8 @@ class ImageClassifier(L.LightningModule):
         self.test_loss = torchmetrics.MeanMetric()
         # The test reports calibration both ways: with the fitted temperature and without it.
         ece = torchmetrics.classification.MulticlassCalibrationError
-        self.test_ece = ece(num_classes, n_bins=15, norm="l1")
-        self.test_ece_raw = ece(num_classes, n_bins=15, norm="l1")
+        self.test_ece = ece(num_classes, n_bins=N_BINS, norm="l1")
+        self.test_ece_raw = ece(num_classes, n_bins=N_BINS, norm="l1")
         #: the fitted softmax temperature and its figures (``calibration.py``); None until fitted
         self.calibration: dict | None = None
 

@@ -325,7 +325,7 @@ def write_results(cfg: TrainConfig, trainer: L.Trainer, run_dir: Path, test_metr
         # 15-bin ECE of the test probabilities with the fitted temperature, and without it.
         "test_ece": float(test_metrics["test_ece"]),
         "test_ece_uncalibrated": float(test_metrics["test_ece_uncalibrated"]),
-        "calibration": calibration_entry(tested),
+        "calibration": trainer.lightning_module.calibration,  # the tested checkpoint's, loaded by the test
         "best_val_acc": float(best.best_model_score) if best and best.best_model_score is not None else None,
         "best_checkpoint": str(tested),
         "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
@@ -347,14 +347,6 @@ def write_results(cfg: TrainConfig, trainer: L.Trainer, run_dir: Path, test_metr
         trainer.logger.log_hyperparams(hparams, final)
         trainer.logger.finalize("success")
     return {**results, "global_rank": trainer.global_rank}
-
-
-def calibration_entry(path: str) -> dict | None:
-    """What the tested checkpoint records about its temperature (None: not calibrated)."""
-    try:
-        return load_checkpoint(path).get("calibration") if path else None
-    except Exception:  # the figures are reported; a read failure must not lose the run's results
-        return None
 
 
 def run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def main() -> None:
                            calib_size=cfg["calib_size"])  # fmt: skip
     dm.setup("fit")
     module = classifier_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint).to(args.device)
-    logits = calibration_logits(module.net, dm.calib_set.images, module.hparams.tta, args.device)
+    logits = calibration_logits(module, dm.calib_set.images, args.device)
     labels = dm.calib_set.labels
     half = len(labels) // 2
     fit_logits, fit_labels, eval_logits, eval_labels = logits[:half], labels[:half], logits[half:], labels[half:]
