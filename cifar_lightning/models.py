@@ -39,10 +39,33 @@ def keras_init(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+class ByteDropout(nn.Dropout):
+    """Dropout whose CPU mask comes from random bytes: for p a multiple of 1/256 (the notebook's
+    0.25 and 0.5), keeping an element where its byte is >= 256p keeps it with probability exactly
+    1 - p, and 8 bytes per 64-bit draw make the mask about 10x cheaper than ``bernoulli_``, which
+    took a fifth of the seed network's CPU step. Same draws from the global generator, so seeded
+    runs and exact resume are unchanged in kind; other devices and other p use ``F.dropout``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cut = self.p * 256
+        if not self.training or x.device.type != "cpu" or self.p in (0, 1) or cut != int(cut) or self.inplace:
+            return super().forward(x)
+        n = x.numel()
+        # The full int64 range: random_() without bounds leaves the top bit of each word at 0.
+        bits = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), None).view(torch.uint8)[:n]
+        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+        bits = bits.as_strided(x.shape, x.stride()) if dense else bits.view(x.shape)
+        return x * ((bits >= int(cut)).to(x.dtype) * (1 / (1 - self.p)))
+
+
 @register("seed")
 class SeedCNN(nn.Module):
     """The Keras notebook's CNN, layer for layer:
     Conv(32)-Conv(32)-MaxPool-Drop(.25)-Conv(64)-Conv(64)-AvgPool-Drop(.25)-Dense(512)-Drop(.5)-Dense(10).
+
+    The second ReLU runs after the max-pool instead of before: max and ReLU commute exactly, and
+    on the pooled tensor it touches a quarter of the memory (the CPU step is memory-bound).
+    The layers keep their indices, so checkpoints of either order load into both.
     """
 
     def __init__(self, num_classes: int = 10, width: int = 32, hidden: int = 512, image_size: int = 32) -> None:
@@ -50,15 +73,14 @@ class SeedCNN(nn.Module):
         w = width
         self.features = nn.Sequential(
             nn.Conv2d(3, w, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2), nn.Dropout(0.25),
+            nn.Conv2d(w, w, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(inplace=True), ByteDropout(0.25),
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(inplace=True),
-            nn.AvgPool2d(2), nn.Dropout(0.25),
+            nn.AvgPool2d(2), ByteDropout(0.25),
         )  # fmt: skip
         flat = 2 * w * (image_size // 4) ** 2
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True), ByteDropout(0.5),
             nn.Linear(hidden, num_classes),
         )  # fmt: skip
         keras_init(self)

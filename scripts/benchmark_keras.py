@@ -1,14 +1,17 @@
 """Side by side with the notebook's own Keras system, in one run: seconds per epoch, images/s and
 test accuracy after each epoch, for the notebook's network in Keras and for ``--preset seed``,
-trained on the same 50,000 images, back to back on the same machine.
+trained on the same 50,000 images, in alternating epochs on the same machine.
 
     pip install -e '.[keras]'          # tensorflow-cpu and keras: an optional extra, never a runtime need
     python scripts/benchmark_keras.py --data-dir ../shared/data/cifar10 --epochs 2
 
-Each system trains in its own child process (their thread pools never share one), Keras first.
-Epoch time is the training pass alone; the test pass after each epoch is not counted. The
-bf16 3x3 conv rate is measured in the same run, and every time is also printed normalised by it
-(normalised s = raw s x rate / 1,000 GFLOP/s). Prints; asserts nothing.
+Each system trains in its own child process (TensorFlow and torch must not share one), and the
+two take turns: Keras' epoch 1, ours, Keras' epoch 2, ours..., each child waiting idle while the
+other trains, so a machine that slows down mid-run slows both alike (on these shared machines
+the same Keras epoch has taken 48 s in one run and 84 s in another). Epoch time is the training
+pass alone; the test pass after each epoch is not counted. The bf16 3x3 conv rate is measured
+before and after, and every time is also printed normalised by their mean (normalised s = raw s
+x rate / 1,000 GFLOP/s). Prints; asserts nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ def keras_model():  # noqa: ANN201 (keras is optional)
     ])  # fmt: skip
 
 
+def wait_turn() -> None:
+    """Block until the parent says this child may train its next epoch."""
+    if sys.stdin.readline().strip() != "go":
+        sys.exit(0)  # the parent is gone or has stopped the run
+
+
 def run_keras(args: argparse.Namespace) -> None:
     import keras
     import numpy as np
@@ -67,6 +76,7 @@ def run_keras(args: argparse.Namespace) -> None:
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
     y1, yt1 = keras.utils.to_categorical(y, 10), keras.utils.to_categorical(yt, 10)
     for epoch in range(1, args.epochs + 1):
+        wait_turn()
         t = time.perf_counter()
         model.fit(x, y1, batch_size=args.batch_size, epochs=1, shuffle=True, verbose=0)
         seconds = time.perf_counter() - t
@@ -86,6 +96,7 @@ def run_ours(args: argparse.Namespace) -> None:
         """Times each training pass, then scores the test set (not counted)."""
 
         def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            wait_turn()
             self.t = time.perf_counter()
 
         def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -137,14 +148,35 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     arrays = Path(tmp.name) / "cifar10.npz"
     write_numpy(args.data_dir, arrays)
+    children = {}
     for system in ("keras", "ours"):
         argv = [sys.executable, __file__, *sys.argv[1:], "--system", system, "--arrays", str(arrays)]
-        out = subprocess.run(argv, capture_output=True, text=True, env=env)
-        if out.returncode:
-            sys.exit(f"{system} failed:\n{out.stderr[-3000:]}")
-        rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        children[system] = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(
+            Path(tmp.name) / f"{system}.err", "w"), text=True, env=env)  # fmt: skip
+    print(f"{'system':<7}{'epoch':>6}{'s/epoch':>10}{'images/s':>10}{'test acc':>10}", flush=True)
+    try:
+        for _ in range(args.epochs):
+            for system, child in children.items():
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                line = ""
+                while not line.startswith("{"):
+                    line = child.stdout.readline()
+                    if not line:
+                        err = (Path(tmp.name) / f"{system}.err").read_text()
+                        sys.exit(f"{system} failed:\n{err[-3000:]}")
+                r = json.loads(line)
+                rows.append(r)
+                print(f"{r['system']:<7}{r['epoch']:>6}{r['seconds']:>10.1f}{r['images'] / r['seconds']:>10.0f}"
+                      f"{r['test_acc']:>10.4f}", flush=True)  # fmt: skip
+    finally:
+        for child in children.values():
+            child.stdin.close()
+        for child in children.values():
+            child.wait()
+    rate = (rate + bf16_conv_rate()) / 2
     norm = rate / 1000
-    print(f"bf16 3x3 conv {rate:,.0f} GFLOP/s in this run; normalised s = raw s x {norm:.3f}")
+    print(f"\nbf16 3x3 conv {rate:,.0f} GFLOP/s in this run (mean of before and after); normalised s = raw s x {norm:.3f}")
     print(f"{'system':<7}{'epoch':>6}{'s/epoch':>10}{'normalised':>12}{'images/s':>10}{'test acc':>10}")
     for r in rows:
         print(f"{r['system']:<7}{r['epoch']:>6}{r['seconds']:>10.1f}{r['seconds'] * norm:>12.1f}"
