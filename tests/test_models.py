@@ -32,6 +32,9 @@ def test_seed_network_pools_before_its_second_relu_with_the_notebooks_function()
     the same outputs and the same gradients for the same weights."""
     torch.manual_seed(0)
     net = models.build("seed").eval()
+    # the parameters keep the indices they had before the reorder: old checkpoints load
+    assert [k for k in net.state_dict() if k.endswith("weight")] == [
+        "features.0.weight", "features.2.weight", "features.6.weight", "features.8.weight", "head.1.weight", "head.4.weight"]
     f = net.features
     notebook = torch.nn.Sequential(f[0], f[1], f[2], torch.nn.ReLU(), torch.nn.MaxPool2d(2), *f[5:], net.head).eval()
     x = torch.randn(8, 3, 32, 32)

@@ -1,0 +1,110 @@
+"""What each change to the seed recipe's CPU training step is worth, measured in one run: the
+notebook network's forward + backward + Adam step at batch 64, for the preset as it was (float32,
+torch dropout, ReLU before the max-pool, foreach Adam, glibc's default allocator settings) and
+with each lever added or taken away.
+
+    python scripts/seed_step.py                 # about 2 minutes on a 2-core CPU
+    python scripts/seed_step.py --steps 100 --rounds 3
+
+Every variant runs in its own process (the allocator setting is process-wide), in rounds that
+interleave the variants, so a machine that slows down part-way slows all of them alike; the
+median of the rounds is printed, with the bf16 3x3 conv rate of the same run (normalised ms =
+raw ms x rate / 1,000 GFLOP/s). Prints; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+#: name -> (precision, byte dropout, ReLU after pool, fused Adam, keep freed memory, compile)
+VARIANTS: dict[str, tuple[str, bool, bool, bool, bool, bool]] = {
+    "the preset before (fp32, torch dropout, ReLU->pool, foreach Adam)": ("fp32", False, False, False, False, False),
+    "+ bf16 autocast": ("bf16", False, False, False, False, False),
+    "+ bf16, fused Adam": ("bf16", False, False, True, False, False),
+    "+ bf16, fused Adam, byte dropout": ("bf16", True, False, True, False, False),
+    "+ bf16, fused Adam, byte dropout, pool->ReLU": ("bf16", True, True, True, False, False),
+    "the preset now (all of the above + glibc keeps freed memory)": ("bf16", True, True, True, True, False),
+    "the preset now in fp32": ("fp32", True, True, True, True, False),
+    "the preset now + torch.compile": ("bf16", True, True, True, True, True),
+}
+
+
+def child(name: str, steps: int) -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from cifar_lightning import models
+    from cifar_lightning.train import keep_freed_memory
+
+    precision, byte_dropout, pool_first, fused, keep, compile_ = VARIANTS[name]
+    if keep:
+        keep_freed_memory()
+    torch.manual_seed(0)
+    net = models.build("seed")
+    if not byte_dropout:
+        for seq in (net.features, net.head):
+            for i, m in enumerate(seq):
+                if isinstance(m, nn.Dropout):
+                    seq[i] = nn.Dropout(m.p)
+    if not pool_first:  # the notebook's order: ReLU, then max-pool
+        net.features[3], net.features[4] = net.features[4], net.features[3]
+    net = net.train().to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), 1e-3, **({"fused": True} if fused else {"foreach": True}))
+    run = torch.compile(net) if compile_ else net
+    # distinct batches, as training sees: a single reused batch would stay in the caches
+    xs = [torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last) for _ in range(16)]
+    ys = [torch.randint(0, 10, (64,)) for _ in range(16)]
+
+    def step(i: int) -> None:
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            loss = F.cross_entropy(run(xs[i % 16]), ys[i % 16])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(10):
+        step(i)
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    print(json.dumps({"name": name, "ms": (time.perf_counter() - t) / steps * 1e3}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        return child(args.variant, args.steps)
+    from benchmark import bf16_conv_rate
+
+    rate = bf16_conv_rate()
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(args.rounds):
+        for name in VARIANTS:
+            out = subprocess.run([sys.executable, __file__, "--variant", name, "--steps", str(args.steps)],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+            times[name].append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
+    rate = (rate + bf16_conv_rate()) / 2
+    base = statistics.median(times[next(iter(VARIANTS))])
+    print(f"bf16 3x3 conv {rate:,.0f} GFLOP/s (mean of before and after); normalised ms = raw ms x {rate / 1000:.3f}")
+    print(f"{'seed network, batch 64, CPU':<66}{'ms/step':>9}{'normalised':>12}{'epoch (50k)':>13}{'vs before':>11}")
+    for name, ts in times.items():
+        ms = statistics.median(ts)
+        print(f"{name:<66}{ms:>9.1f}{ms * rate / 1000:>12.1f}{ms * 50_000 / 64 / 1000:>12.1f}s{base / ms:>10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
