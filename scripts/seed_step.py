@@ -5,6 +5,8 @@ with each lever added or taken away.
 
     python scripts/seed_step.py                 # about 2 minutes on a 2-core CPU
     python scripts/seed_step.py --steps 100 --rounds 3
+    python scripts/seed_step.py --network fast --steps 8   # the same levers on the fast presets'
+                                                           # network (bf16, batch 1024, Nesterov SGD)
 
 Every variant runs in its own process (the allocator setting is process-wide), in rounds that
 interleave the variants, so a machine that slows down part-way slows all of them alike; the
@@ -36,6 +38,47 @@ VARIANTS: dict[str, tuple[str, bool, bool, bool, bool, bool]] = {
     "the preset now in fp32": ("fp32", True, True, True, True, False),
     "the preset now + torch.compile": ("bf16", True, True, True, True, True),
 }
+
+#: the fast network (presets 93/94) in bf16 at batch 1024: name -> (fused SGD, keep freed memory, compile)
+FAST_VARIANTS: dict[str, tuple[bool, bool, bool]] = {
+    "fast, bf16, batch 1024, foreach SGD (the presets)": (False, True, False),
+    "+ fused SGD": (True, True, False),
+    "- glibc keeps freed memory": (False, False, False),
+    "+ torch.compile": (False, True, True),
+}
+
+
+def fast_child(name: str, steps: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from cifar_lightning import models
+    from cifar_lightning.train import keep_freed_memory
+
+    fused, keep, compile_ = FAST_VARIANTS[name]
+    if keep:
+        keep_freed_memory()
+    torch.manual_seed(0)
+    net = models.build("fast").train().to(memory_format=torch.channels_last)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, **({"fused": True} if fused else {"foreach": True}))
+    run = torch.compile(net) if compile_ else net
+    xs = [torch.randn(1024, 3, 32, 32).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    ys = [torch.randint(0, 10, (1024,)) for _ in range(2)]
+
+    def step(i: int) -> None:
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = F.cross_entropy(run(xs[i % 2]), ys[i % 2], label_smoothing=0.2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(3):
+        step(i)
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    print(json.dumps({"name": name, "ms": (time.perf_counter() - t) / steps * 1e3}))
 
 
 def child(name: str, steps: int) -> None:
@@ -84,26 +127,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--network", choices=("seed", "fast"), default="seed")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
+    variants, batch = (VARIANTS, 64) if args.network == "seed" else (FAST_VARIANTS, 1024)
     if args.variant:
-        return child(args.variant, args.steps)
+        return (child if args.network == "seed" else fast_child)(args.variant, args.steps)
     from benchmark import bf16_conv_rate
 
     rate = bf16_conv_rate()
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
-        for name in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--variant", name, "--steps", str(args.steps)],
+        for name in variants:
+            out = subprocess.run([sys.executable, __file__, "--network", args.network, "--variant", name, "--steps", str(args.steps)],
                                  capture_output=True, text=True, check=True)  # fmt: skip
             times[name].append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
     rate = (rate + bf16_conv_rate()) / 2
-    base = statistics.median(times[next(iter(VARIANTS))])
+    base = statistics.median(times[next(iter(variants))])
     print(f"bf16 3x3 conv {rate:,.0f} GFLOP/s (mean of before and after); normalised ms = raw ms x {rate / 1000:.3f}")
-    print(f"{'seed network, batch 64, CPU':<66}{'ms/step':>9}{'normalised':>12}{'epoch (50k)':>13}{'vs before':>11}")
+    print(f"{args.network + f' network, batch {batch}, CPU':<66}{'ms/step':>9}{'normalised':>12}{'epoch (50k)':>13}{'vs first':>11}")
     for name, ts in times.items():
         ms = statistics.median(ts)
-        print(f"{name:<66}{ms:>9.1f}{ms * rate / 1000:>12.1f}{ms * 50_000 / 64 / 1000:>12.1f}s{base / ms:>10.2f}x")
+        print(f"{name:<66}{ms:>9.1f}{ms * rate / 1000:>12.1f}{ms * 50_000 / batch / 1000:>12.1f}s{base / ms:>10.2f}x")
 
 
 if __name__ == "__main__":
