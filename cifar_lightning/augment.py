@@ -33,6 +33,16 @@ def random_flip(images: torch.Tensor, p: float = 0.5) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
+def alternating_flip(images: torch.Tensor, index: torch.Tensor, base: torch.Tensor, epoch: int) -> torch.Tensor:
+    """airbench's alternating flip: image i is mirrored in epoch e when ``base[i]`` xor (e odd).
+    The first epoch mirrors a seeded random half; after it every image alternates, so any two
+    consecutive epochs show both views of every image (random flips show a quarter of the
+    images the same view twice). A function of (image, epoch) alone: resumable, and the same
+    under DDP."""
+    flip = base.to(images.device)[index.to(images.device)] ^ bool(epoch % 2)
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
 def random_crop(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
     """Reflect-pad by ``padding`` and cut a random same-size window per image (a shift of up
     to ``padding`` px without black borders). Works on uint8 too."""

@@ -47,9 +47,11 @@ class TensorImages(Dataset):
     N ``__getitem__`` calls and a collate; samplers (shuffle, DistributedSampler) still work.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, with_index: bool = False) -> None:
         self.images = images
         self.labels = labels
+        #: batches also carry each image's index in this set (for per-image schedules)
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,8 +59,10 @@ class TensorImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[i], self.labels[i]
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
         idx = torch.as_tensor(indices, dtype=torch.long)
+        if self.with_index:
+            return self.images[idx], self.labels[idx], idx
         return self.images[idx], self.labels[idx]
 
 
@@ -116,7 +120,7 @@ class ResumableLoader(DataLoader):
             set_epoch(int(state["epoch"]))
 
 
-def batch_collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_collate(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Collate for ``TensorImages``: the batch is already stacked."""
     return batch
 
@@ -327,6 +331,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         shuffle_seed: int = 0,
         calib_size: int = 0,
+        alternate_flip: bool = False,
     ) -> None:
         super().__init__()
         from cifar_lightning.augment import BatchAugment
@@ -353,6 +358,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         #: images held out of training to fit the softmax temperature (calib_size of them)
         self.calib_set: TensorImages | None = None
         self._train_loader: ResumableLoader | None = None
+        #: alternate_flip: the images mirrored in even epochs (odd epochs mirror the others)
+        self.flip_base: torch.Tensor | None = None
 
     @property
     def source(self) -> str:
@@ -388,7 +395,10 @@ class CIFAR10DataModule(L.LightningDataModule):
             train_idx, val_idx, calib_idx = seeded_split(len(train.labels), hp.val_size, hp.split_seed, calib_size)
             if hp.limit_train_images:
                 train_idx = train_idx[: hp.limit_train_images]
-            self.train_set = TensorImages(train.images[train_idx], train.labels[train_idx])
+            self.train_set = TensorImages(train.images[train_idx], train.labels[train_idx], with_index=self.hparams.alternate_flip)
+            if self.hparams.alternate_flip:
+                g = torch.Generator().manual_seed(self.hparams.shuffle_seed * 100_003 + 7)
+                self.flip_base = torch.randint(0, 2, (len(train_idx),), generator=g).bool()
             self.val_set = TensorImages(train.images[val_idx], train.labels[val_idx])
             self.calib_set = TensorImages(train.images[calib_idx], train.labels[calib_idx])
         if stage in ("test", "predict", None) and self.test_set is None:
@@ -432,12 +442,16 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:
         """uint8 on the device -> (augmented, only while training) normalised float."""
-        images, labels = batch
+        images, labels, *index = batch
         training = self.trainer is not None and self.trainer.training
         if training and self._train_loader is not None:
             # This batch is about to be trained on: what a mid-epoch checkpoint must skip.
             self._train_loader.batches_trained += 1
             self._train_loader.epoch = getattr(self.trainer, "current_epoch", 0)
+        if training and index and self.flip_base is not None:
+            from cifar_lightning.augment import alternating_flip
+
+            images = alternating_flip(images, index[0], self.flip_base, getattr(self.trainer, "current_epoch", 0))
         if training and self.augmenter.active:
             images = self.augmenter(images)
         return normalize(images), labels

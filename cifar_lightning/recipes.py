@@ -109,6 +109,8 @@ class TrainConfig:
     crop_padding: int | None = knob(None, "standard/robust: pad px before the random crop", min=0, max=16)
     jpeg: float | None = knob(None, "robust: share of images re-encoded as JPEG, quality 30-95", min=0.0, max=1.0)
     noise: float | None = knob(None, "robust: share of images given Gaussian noise, sigma up to 0.1", min=0.0, max=1.0)
+    alternate_flip: bool = knob(False, "standard/robust: mirror each image on every other epoch (a seeded random half in the first; "
+                                "airbench's) instead of at random; replaces --flip")
     blur: float | None = knob(None, "robust: share of images given a Gaussian blur, sigma 0.4-1.2 px", min=0.0, max=1.0)
     # trainer
     accelerator: str = knob("auto", "where to train", choices=ACCELERATORS)
@@ -129,8 +131,10 @@ class TrainConfig:
     init_from: str | None = knob(None, "start a NEW run from these weights (e.g. refit with augmentation)")
 
     def augment_options(self) -> dict[str, float]:
-        """The augmentation ranges set explicitly (the rest take the augmentation's defaults)."""
-        return {k: getattr(self, k) for k in AUGMENT_RANGES if getattr(self, k) is not None}
+        """The augmentation ranges set explicitly (the rest take the augmentation's defaults).
+        The alternating flip replaces the random one."""
+        given = {k: getattr(self, k) for k in AUGMENT_RANGES if getattr(self, k) is not None}
+        return {**given, "flip": 0.0} if self.alternate_flip else given
 
     def calibration_split(self) -> str:
         """Where the temperature is fitted: 'heldout', 'val' or 'none' ('auto' resolved)."""
@@ -158,7 +162,7 @@ SECTIONS = {
                                "momentum", "norm_bias_lr_scale", "warmup_fraction", "whiten_bias_epochs", "widths", "tta", "lookahead"),
     "data": ("data_dir", "data_source", "download", "val_size", "split_seed", "limit_train_images", "num_workers", "calibrate",
              "calib_size"),
-    "augmentation (on the device, training batches only)": ("augment", *AUGMENT_RANGES),
+    "augmentation (on the device, training batches only)": ("augment", *AUGMENT_RANGES, "alternate_flip"),
     "trainer": ("accelerator", "devices", "strategy", "num_nodes", "precision", "seed", "deterministic", "max_time",
                 "channels_last", "progress_bar"),
     "runs and checkpoints": ("log_dir", "log_images_every", "checkpoint_every_steps", "resume", "init_from"),

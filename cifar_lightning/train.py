@@ -141,6 +141,8 @@ def check_before_start(cfg: TrainConfig) -> None:
     from lightning.pytorch.strategies import StrategyRegistry
 
     check_model_name(cfg)
+    if cfg.alternate_flip and cfg.augment not in ("standard", "robust"):
+        raise ConfigError(f"--alternate-flip needs --augment standard or robust (got {cfg.augment})")
     if cfg.calibrate == "val" and cfg.val_size == 0:
         raise ConfigError("--calibrate val needs a validation split (--val-size > 0); use --calibrate heldout or auto")
     if cfg.strategy != "auto" and cfg.strategy not in StrategyRegistry.available_strategies():
@@ -164,7 +166,7 @@ def build_data(cfg: TrainConfig) -> CIFAR10DataModule:
         data_dir=cfg.data_dir, batch_size=cfg.batch_size, val_size=cfg.val_size, split_seed=cfg.split_seed,
         limit_train_images=cfg.limit_train_images, augment=cfg.augment, augment_options=cfg.augment_options(),
         source=cfg.data_source, num_workers=cfg.num_workers, download=cfg.download, shuffle_seed=cfg.seed,
-        calib_size=cfg.held_out_for_calibration(),
+        calib_size=cfg.held_out_for_calibration(), alternate_flip=cfg.alternate_flip,
     )  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")

@@ -219,3 +219,13 @@ def test_the_keras_benchmarks_torch_side_trains_one_epoch_per_turn(tmp_path: Pat
     assert out.returncode == 0, out.stderr[-2000:]
     assert [(r["system"], r["epoch"], r["images"]) for r in rows] == [("ours", 1, 40), ("ours", 2, 40)]
     assert all(r["seconds"] > 0 and 0 <= r["test_acc"] <= 1 for r in rows)
+
+
+def test_a_run_trains_with_the_alternating_flip_and_refuses_it_without_crop_flip_augmentation(tmp_path: Path) -> None:
+    tree = write_imagefolder(tmp_path / "tree", n_train=4, n_test=2)
+    argv = tiny_train_argv(tree, tmp_path / "logs", "--augment", "standard", "--alternate-flip", epochs=2)
+    assert call(train_main, argv) == 0
+    config = yaml.safe_load((tmp_path / "logs/version_0/config.yaml").read_text())
+    assert config["alternate_flip"] is True
+    assert call(train_main, tiny_train_argv(tree, tmp_path / "logs2", "--alternate-flip")) == 2
+    assert not (tmp_path / "logs2").exists()

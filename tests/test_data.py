@@ -207,3 +207,45 @@ def test_download_without_network_says_how_to_use_a_local_copy(tmp_path: Path, m
     monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
     with pytest.raises(DataError, match=r"could not download CIFAR-10 .*point --data-dir at a local copy"):
         CIFAR10DataModule(str(tmp_path / "dl")).prepare_data()
+
+
+def test_alternating_flip_mirrors_a_seeded_half_first_then_every_image_every_other_epoch() -> None:
+    from cifar_lightning.augment import alternating_flip
+
+    n = 4000
+    images = torch.arange(n * 3 * 2 * 4, dtype=torch.int32).remainder(251).to(torch.uint8).view(n, 3, 2, 4)
+    index = torch.randperm(n)
+    base = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(0)).bool()
+    flipped = []
+    for epoch in range(4):
+        out = alternating_flip(images[index], index, base, epoch)
+        is_flipped = (out != images[index]).flatten(1).any(1)
+        assert torch.equal(out[is_flipped], images[index][is_flipped].flip(-1))
+        flipped.append(torch.zeros(n, dtype=torch.bool).index_put_((index,), is_flipped))
+    assert abs(flipped[0].float().mean().item() - 0.5) < 0.03  # a random half first
+    assert torch.equal(flipped[0], base)
+    for a, b in zip(flipped[:-1], flipped[1:], strict=True):
+        assert torch.equal(a ^ b, torch.ones(n, dtype=torch.bool))  # each image once in any two epochs
+    assert torch.equal(flipped[0], flipped[2]) and torch.equal(flipped[1], flipped[3])
+
+
+def test_the_data_module_applies_the_alternating_flip_to_training_batches_only(imagefolder: Path) -> None:
+    from types import SimpleNamespace
+
+    dm = CIFAR10DataModule(str(imagefolder), val_size=20, batch_size=16, augment="standard",
+                           augment_options={"crop_padding": 0, "flip": 0.0}, alternate_flip=True, shuffle_seed=3)  # fmt: skip
+    dm.setup("fit")
+    again = CIFAR10DataModule(str(imagefolder), val_size=20, alternate_flip=True, shuffle_seed=3)
+    again.setup("fit")
+    assert torch.equal(dm.flip_base, again.flip_base) and len(dm.flip_base) == len(dm.train_set)
+    images, labels, index = next(iter(dm.train_dataloader()))
+    assert torch.equal(images, dm.train_set.images[index]) and torch.equal(labels, dm.train_set.labels[index])
+    for epoch in (0, 1):
+        dm.trainer = SimpleNamespace(training=True, current_epoch=epoch, world_size=1)
+        x, y = dm.on_after_batch_transfer((images, labels, index), 0)
+        mirror = (dm.flip_base[index] ^ bool(epoch)).view(-1, 1, 1, 1)
+        assert torch.equal(x, normalize(torch.where(mirror, images.flip(-1), images)))
+        assert torch.equal(y, labels)
+    dm.trainer = SimpleNamespace(training=False, current_epoch=1, world_size=1)
+    val_images, val_labels = next(iter(dm.val_dataloader()))  # evaluation batches carry no index
+    assert torch.equal(dm.on_after_batch_transfer((val_images, val_labels), 0)[0], normalize(val_images))

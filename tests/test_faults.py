@@ -198,3 +198,22 @@ def test_a_log_dir_that_cannot_be_created_is_one_clear_line(tiny, tmp_path: Path
     code, _, err = run(train_args(tree, blocker / "logs"), env)
     assert code == 2 and "--log-dir" in err.strip().splitlines()[-1] and "Traceback" not in err
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_run_with_the_alternating_flip_resumes_after_sigkill_to_the_unbroken_metrics(tiny, tmp_path: Path) -> None:
+    """The flip is a function of (image, epoch): killed in its second epoch (odd parity), the
+    resumed run mirrors the same images an unbroken one does."""
+    tree, env = tiny
+    flags = ("--augment", "standard", "--alternate-flip")
+    code, _, err = run(train_args(tree, tmp_path / "unbroken", *flags), env)
+    assert code == 0, err[-2000:]
+    unbroken = json.loads((tmp_path / "unbroken" / "version_0" / "results.json").read_text())
+    logs, marker = tmp_path / "logs", tmp_path / "marker"
+    code, _, _ = run(train_args(tree, logs, *flags), env, pause="train:7", marker=marker, kill=signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    code, _, err = run(["--resume", "last", "--log-dir", str(logs)], env)
+    assert code == 0, err[-2000:]
+    results = json.loads((logs / "version_0" / "results.json").read_text())
+    assert results["config"]["alternate_flip"] is True
+    assert results["test_acc"] == unbroken["test_acc"]
+    assert results["test_loss"] == pytest.approx(unbroken["test_loss"], abs=1e-6)
