@@ -39,7 +39,7 @@ def alternating_flip(images: torch.Tensor, index: torch.Tensor, base: torch.Tens
     consecutive epochs show both views of every image (random flips show a quarter of the
     images the same view twice). A function of (image, epoch) alone: resumable, and the same
     under DDP."""
-    flip = base.to(images.device)[index.to(images.device)] ^ bool(epoch % 2)
+    flip = (base[index.to(base.device)] ^ bool(epoch % 2)).to(images.device)
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 

@@ -395,9 +395,9 @@ class CIFAR10DataModule(L.LightningDataModule):
             train_idx, val_idx, calib_idx = seeded_split(len(train.labels), hp.val_size, hp.split_seed, calib_size)
             if hp.limit_train_images:
                 train_idx = train_idx[: hp.limit_train_images]
-            self.train_set = TensorImages(train.images[train_idx], train.labels[train_idx], with_index=self.hparams.alternate_flip)
-            if self.hparams.alternate_flip:
-                g = torch.Generator().manual_seed(self.hparams.shuffle_seed * 100_003 + 7)
+            self.train_set = TensorImages(train.images[train_idx], train.labels[train_idx], with_index=hp.alternate_flip)
+            if hp.alternate_flip:
+                g = torch.Generator().manual_seed(hp.shuffle_seed * 100_003 + 7)
                 self.flip_base = torch.randint(0, 2, (len(train_idx),), generator=g).bool()
             self.val_set = TensorImages(train.images[val_idx], train.labels[val_idx])
             self.calib_set = TensorImages(train.images[calib_idx], train.labels[calib_idx])
@@ -444,14 +444,15 @@ class CIFAR10DataModule(L.LightningDataModule):
         """uint8 on the device -> (augmented, only while training) normalised float."""
         images, labels, *index = batch
         training = self.trainer is not None and self.trainer.training
+        epoch = getattr(self.trainer, "current_epoch", 0)
         if training and self._train_loader is not None:
             # This batch is about to be trained on: what a mid-epoch checkpoint must skip.
             self._train_loader.batches_trained += 1
-            self._train_loader.epoch = getattr(self.trainer, "current_epoch", 0)
+            self._train_loader.epoch = epoch
         if training and index and self.flip_base is not None:
             from cifar_lightning.augment import alternating_flip
 
-            images = alternating_flip(images, index[0], self.flip_base, getattr(self.trainer, "current_epoch", 0))
+            images = alternating_flip(images, index[0], self.flip_base, epoch)
         if training and self.augmenter.active:
             images = self.augmenter(images)
         return normalize(images), labels

@@ -148,11 +148,12 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     arrays = Path(tmp.name) / "cifar10.npz"
     write_numpy(args.data_dir, arrays)
-    children = {}
+    children, errs = {}, {}
     for system in ("keras", "ours"):
         argv = [sys.executable, __file__, *sys.argv[1:], "--system", system, "--arrays", str(arrays)]
-        children[system] = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(
-            Path(tmp.name) / f"{system}.err", "w"), text=True, env=env)  # fmt: skip
+        errs[system] = open(Path(tmp.name) / f"{system}.err", "w")  # noqa: SIM115 (closed in the finally below)
+        children[system] = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errs[system],
+                                            text=True, env=env)  # fmt: skip
     print(f"{'system':<7}{'epoch':>6}{'s/epoch':>10}{'images/s':>10}{'test acc':>10}", flush=True)
     try:
         for _ in range(args.epochs):
@@ -174,6 +175,8 @@ def main() -> None:
             child.stdin.close()
         for child in children.values():
             child.wait()
+        for f in errs.values():
+            f.close()
     rate = (rate + bf16_conv_rate()) / 2
     norm = rate / 1000
     print(f"\nbf16 3x3 conv {rate:,.0f} GFLOP/s in this run (mean of before and after); normalised s = raw s x {norm:.3f}")

@@ -48,9 +48,32 @@ FAST_VARIANTS: dict[str, tuple[bool, bool, bool]] = {
 }
 
 
-def fast_child(name: str, steps: int) -> None:
+def time_steps(name: str, net, opt, xs: list, ys: list, bf16: bool, compile_: bool, warmup: int, steps: int,  # noqa: ANN001
+               **loss_args: float) -> None:  # fmt: skip
+    """Time ``steps`` training steps (forward, backward, optimiser) after ``warmup`` untimed ones,
+    cycling through the batches; prints the variant's JSON line for the parent."""
     import torch
     import torch.nn.functional as F
+
+    run = torch.compile(net) if compile_ else net
+
+    def step(i: int) -> None:
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(run(xs[i % len(xs)]), ys[i % len(ys)], **loss_args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(warmup):
+        step(i)
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    print(json.dumps({"name": name, "ms": (time.perf_counter() - t) / steps * 1e3}))
+
+
+def fast_child(name: str, steps: int) -> None:
+    import torch
 
     from cifar_lightning import models
     from cifar_lightning.train import keep_freed_memory
@@ -62,28 +85,13 @@ def fast_child(name: str, steps: int) -> None:
     net = models.build("fast").train().to(memory_format=torch.channels_last)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, **({"fused": True} if fused else {"foreach": True}))
-    run = torch.compile(net) if compile_ else net
     xs = [torch.randn(1024, 3, 32, 32).contiguous(memory_format=torch.channels_last) for _ in range(2)]
     ys = [torch.randint(0, 10, (1024,)) for _ in range(2)]
-
-    def step(i: int) -> None:
-        with torch.autocast("cpu", torch.bfloat16):
-            loss = F.cross_entropy(run(xs[i % 2]), ys[i % 2], label_smoothing=0.2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for i in range(3):
-        step(i)
-    t = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    print(json.dumps({"name": name, "ms": (time.perf_counter() - t) / steps * 1e3}))
+    time_steps(name, net, opt, xs, ys, bf16=True, compile_=compile_, warmup=3, steps=steps, label_smoothing=0.2)
 
 
 def child(name: str, steps: int) -> None:
     import torch
-    import torch.nn.functional as F
     from torch import nn
 
     from cifar_lightning import models
@@ -103,24 +111,10 @@ def child(name: str, steps: int) -> None:
         net.features[3], net.features[4] = net.features[4], net.features[3]
     net = net.train().to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), 1e-3, **({"fused": True} if fused else {"foreach": True}))
-    run = torch.compile(net) if compile_ else net
     # distinct batches, as training sees: a single reused batch would stay in the caches
     xs = [torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last) for _ in range(16)]
     ys = [torch.randint(0, 10, (64,)) for _ in range(16)]
-
-    def step(i: int) -> None:
-        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
-            loss = F.cross_entropy(run(xs[i % 16]), ys[i % 16])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for i in range(10):
-        step(i)
-    t = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    print(json.dumps({"name": name, "ms": (time.perf_counter() - t) / steps * 1e3}))
+    time_steps(name, net, opt, xs, ys, bf16=precision == "bf16", compile_=compile_, warmup=10, steps=steps)
 
 
 def main() -> None:
@@ -133,7 +127,7 @@ def main() -> None:
     variants, batch = (VARIANTS, 64) if args.network == "seed" else (FAST_VARIANTS, 1024)
     if args.variant:
         return (child if args.network == "seed" else fast_child)(args.variant, args.steps)
-    from benchmark import bf16_conv_rate
+    from benchmark import bf16_conv_rate, normalised
 
     rate = bf16_conv_rate()
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -148,7 +142,7 @@ def main() -> None:
     print(f"{args.network + f' network, batch {batch}, CPU':<66}{'ms/step':>9}{'normalised':>12}{'epoch (50k)':>13}{'vs first':>11}")
     for name, ts in times.items():
         ms = statistics.median(ts)
-        print(f"{name:<66}{ms:>9.1f}{ms * rate / 1000:>12.1f}{ms * 50_000 / batch / 1000:>12.1f}s{base / ms:>10.2f}x")
+        print(f"{name:<66}{ms:>9.1f}{normalised(ms, rate):>12.1f}{ms * 50_000 / batch / 1000:>12.1f}s{base / ms:>10.2f}x")
 
 
 if __name__ == "__main__":
