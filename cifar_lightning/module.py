@@ -7,6 +7,8 @@ rebuilds its network from ``checkpoint["hyper_parameters"]`` alone and loads wit
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ import torchmetrics
 from cifar_lightning import models
 from cifar_lightning.calibration import N_BINS
 from cifar_lightning.images import normalize
+from cifar_lightning.optim import MuonSGD
 from cifar_lightning.recipes import OPTIMIZERS, SCHEDULES, TTA_LEVELS
 
 
@@ -47,6 +50,8 @@ class ImageClassifier(L.LightningModule):
         warmup_fraction: float = 0.2,
         tta: int = 0,
         whitening_images: int = 5000,
+        muon_lr: float = 0.24,
+        muon_momentum: float = 0.6,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -175,13 +180,30 @@ class ImageClassifier(L.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return (self.tta_logits(x).float() / self.temperature).softmax(dim=-1)
 
+    def total_steps(self) -> int:
+        """The run's optimiser steps, as ``trainer.estimated_stepping_batches`` counts them but
+        without calling it here: that property builds the training loader before a resumed run
+        restores the loader's position, which then never is (Lightning issue 20550), so a run
+        resumed mid-epoch re-trained the epoch's first batches. From the data module's own
+        figures: each rank of Lightning's DistributedSampler gets ceil(N / world) images."""
+        trainer, dm = self.trainer, getattr(self.trainer, "datamodule", None)
+        train_set, batch = getattr(dm, "train_set", None), getattr(dm, "batch_size", None)
+        if train_set is None or batch is None or trainer.max_steps != -1 or trainer.limit_train_batches != 1.0:
+            return int(trainer.estimated_stepping_batches)
+        per_rank = math.ceil(len(train_set) / trainer.world_size)
+        steps = math.ceil(math.ceil(per_rank / batch) / trainer.accumulate_grad_batches)
+        return steps * max(trainer.max_epochs, 1)
+
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         # BatchNorm shifts may learn faster than weights (airbench: 64x); their weight decay
         # is divided by the same factor so that the decay per step stays the same.
+        # muon: the trainable conv filters go to Muon, everything else stays on SGD below.
+        filters = [p for p in self.parameters() if p.ndim == 4 and p.requires_grad] if hp.optimizer == "muon" else []
+        filter_ids = {id(p) for p in filters}
         norm = [p for m in self.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for p in m.parameters()]
         norm_ids = {id(p) for p in norm}
-        rest = [p for p in self.parameters() if id(p) not in norm_ids]
+        rest = [p for p in self.parameters() if id(p) not in norm_ids | filter_ids]
         scale = hp.norm_bias_lr_scale
         params = [{"params": rest}]
         if norm:
@@ -193,11 +215,14 @@ class ImageClassifier(L.LightningModule):
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, **fused)
         elif hp.optimizer == "adamw":
             opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, **fused)
+        elif hp.optimizer == "muon":
+            opt = MuonSGD(filters, params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
+                          muon_lr=hp.muon_lr, muon_momentum=hp.muon_momentum)  # fmt: skip
         else:
             opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=True, weight_decay=hp.weight_decay)
         if hp.schedule == "none":
             return {"optimizer": opt}
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.total_steps()
         if hp.schedule == "triangle":
             # Warm up linearly from 0.2x to the full rate over warmup_fraction of the steps,
             # then decay linearly to zero at the last step.

@@ -28,7 +28,7 @@ import yaml
 
 from cifar_lightning.errors import ConfigError
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULES = ("none", "cosine", "onecycle", "triangle")
 #: test-time augmentation: 0 none, 1 + mirror, 2 + mirror and 1-px translations (6 views)
 TTA_LEVELS = (0, 1, 2)
@@ -76,11 +76,14 @@ class TrainConfig:
     epochs: int = knob(20, "passes over the training images", min=1)
     batch_size: int = knob(64, "images per optimiser step", min=1)
     lr: float = knob(1e-3, "peak learning rate", above=0.0)
-    optimizer: str = knob("adam", "adam/adamw (the notebook's) or Nesterov sgd (the fast recipe's)", choices=OPTIMIZERS)
+    optimizer: str = knob("adam", "adam/adamw (the notebook's), Nesterov sgd (the fast recipe's), or muon: Muon on conv "
+                          "filters and Nesterov sgd on the rest", choices=OPTIMIZERS)
     weight_decay: float = knob(0.0, "L2 (adam, sgd) or decoupled (adamw) decay", min=0.0)
     schedule: str = knob("none", "per-step learning-rate schedule; triangle: warm-up then linear decay to 0", choices=SCHEDULES)
     label_smoothing: float = knob(0.0, "softens the targets; the fast recipe's 0.2 generalises better", min=0.0, below=1.0)
     momentum: float = knob(0.9, "SGD (Nesterov) momentum", min=0.0, below=1.0)
+    muon_lr: float = knob(0.24, "muon: peak learning rate of the conv filters (scale-free: filters are kept at norm sqrt(out))", above=0.0)
+    muon_momentum: float = knob(0.6, "muon: Nesterov momentum of the conv filters", min=0.0, below=1.0)
     norm_bias_lr_scale: float = knob(1.0, "BatchNorm shifts learn this much faster (airbench: 64)", above=0.0)
     warmup_fraction: float = knob(0.2, "triangle schedule: fraction of steps spent warming up", min=0.0, max=1.0)
     whiten_bias_epochs: int = knob(0, "fast network: epochs its whitening bias trains before it is frozen", min=0)
@@ -159,7 +162,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 #: The knobs by topic, as --help lists them.
 SECTIONS = {
     "model and optimisation": ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing",
-                               "momentum", "norm_bias_lr_scale", "warmup_fraction", "whiten_bias_epochs", "widths", "tta", "lookahead"),
+                               "momentum", "muon_lr", "muon_momentum", "norm_bias_lr_scale", "warmup_fraction", "whiten_bias_epochs",
+                               "widths", "tta", "lookahead"),
     "data": ("data_dir", "data_source", "download", "val_size", "split_seed", "limit_train_images", "num_workers", "calibrate",
              "calib_size"),
     "augmentation (on the device, training batches only)": ("augment", *AUGMENT_RANGES, "alternate_flip"),

@@ -197,7 +197,7 @@ def build_module(cfg: TrainConfig, classes: list[str]) -> RunStart:
                 model=cfg.model, num_classes=len(classes), lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                 schedule=cfg.schedule, momentum=cfg.momentum, label_smoothing=cfg.label_smoothing, class_names=classes,
                 model_args=cfg.model_args(), norm_bias_lr_scale=cfg.norm_bias_lr_scale, warmup_fraction=cfg.warmup_fraction,
-                whiten_bias_epochs=cfg.whiten_bias_epochs, tta=cfg.tta,
+                whiten_bias_epochs=cfg.whiten_bias_epochs, tta=cfg.tta, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
             )  # fmt: skip
         except ValueError as e:
             raise ConfigError(str(e)) from None

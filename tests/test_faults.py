@@ -200,11 +200,15 @@ def test_a_log_dir_that_cannot_be_created_is_one_clear_line(tiny, tmp_path: Path
     assert blocker.read_text() == "not a folder"
 
 
-def test_a_run_with_the_alternating_flip_resumes_after_sigkill_to_the_unbroken_metrics(tiny, tmp_path: Path) -> None:
+MUON = ("--preset", "94", "--widths", "8,16,16", "--optimizer", "muon", "--lookahead", "--batch-size", "16", "--tta", "0")
+
+
+@pytest.mark.parametrize("flags", [("--augment", "standard", "--alternate-flip"), (*MUON, "--alternate-flip")], ids=["flip", "muon"])
+def test_a_run_with_the_alternating_flip_resumes_after_sigkill_to_the_unbroken_metrics(tiny, tmp_path: Path, flags) -> None:  # noqa: ANN001
     """The flip is a function of (image, epoch): killed in its second epoch (odd parity), the
-    resumed run mirrors the same images an unbroken one does."""
+    resumed run mirrors the same images an unbroken one does. With Muon and Lookahead too: both
+    optimizers' momenta and the slow weights come back from the checkpoint."""
     tree, env = tiny
-    flags = ("--augment", "standard", "--alternate-flip")
     code, _, err = run(train_args(tree, tmp_path / "unbroken", *flags), env)
     assert code == 0, err[-2000:]
     unbroken = json.loads((tmp_path / "unbroken" / "version_0" / "results.json").read_text())
@@ -215,5 +219,6 @@ def test_a_run_with_the_alternating_flip_resumes_after_sigkill_to_the_unbroken_m
     assert code == 0, err[-2000:]
     results = json.loads((logs / "version_0" / "results.json").read_text())
     assert results["config"]["alternate_flip"] is True
+    assert results["config"]["optimizer"] == unbroken["config"]["optimizer"]
     assert results["test_acc"] == unbroken["test_acc"]
     assert results["test_loss"] == pytest.approx(unbroken["test_loss"], abs=1e-6)
