@@ -46,7 +46,7 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
         if code != 0 or not (run / "results.json").is_file():
             return result
         r = json.loads((run / "results.json").read_text())
-        result |= {k: r.get(k) for k in ("test_acc", "test_ece", "test_ece_uncalibrated", "wall_seconds")}
+        result |= {k: r.get(k) for k in ("test_acc", "test_ece", "test_ece_uncalibrated", "wall_seconds", "best_val_acc")}
         result["temperature"] = (r.get("calibration") or {}).get("temperature")
         result["train_seconds"] = sum(r.get("train_seconds") or [])
         if args.corruptions:
@@ -66,7 +66,7 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
     return result
 
 
-KEYS = ("test_acc", "test_ece_uncalibrated", "test_ece", "temperature", "jpeg75_accuracy", "corruption_mean_accuracy",
+KEYS = ("best_val_acc", "test_acc", "test_ece_uncalibrated", "test_ece", "temperature", "jpeg75_accuracy", "corruption_mean_accuracy",
         "corruption_mean_ece", "train_seconds")  # fmt: skip
 
 
@@ -91,14 +91,16 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
         return f"{v['mean']:.2%} (min {v['min']:.2%})" if pct else f"{v['mean']:.4f}"
 
     lines = [
-        "| variant | seeds | test acc (mean, worst seed) | ECE before | ECE after | T | JPEG q75 acc | mean corrupted acc | train s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | seeds | val acc (mean, worst seed) | test acc (mean, worst seed) | ECE before | ECE after | T | JPEG q75 acc "
+        "| mean corrupted acc | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in summary.items():
         t = f"{s['temperature']['mean']:.3f}" if "temperature" in s else "-"
         secs = f"{s['train_seconds']['mean']:.0f}" if "train_seconds" in s else "-"
         lines.append(
-            f"| {name} | {len(s['seeds'])} | {cell(s, 'test_acc', True)} | {cell(s, 'test_ece_uncalibrated', False)} "
+            f"| {name} | {len(s['seeds'])} | {cell(s, 'best_val_acc', True)} | {cell(s, 'test_acc', True)} "
+            f"| {cell(s, 'test_ece_uncalibrated', False)} "
             f"| {cell(s, 'test_ece', False)} | {t} | {cell(s, 'jpeg75_accuracy', True)} | {cell(s, 'corruption_mean_accuracy', True)} "
             f"| {secs} |"
         )
