@@ -353,6 +353,10 @@ def build(given: dict[str, Any], saved: dict[str, Any] | None = None, refit_of: 
         name = implied_preset(refit_of or {"model": given.get("model")})
     name = name or implied_preset({"model": given.get("model")})
     values = {**preset(name), "preset": name, **(saved or {}), **given}
+    if values.get("alternate_flip") and "alternate_flip" not in given and values.get("augment") not in ("standard", "robust"):
+        # The preset's mirror schedule belongs to its crop+flip augmentation: a run that swaps the
+        # augmentation (e.g. --augment none) drops it; asking for both is refused before the run.
+        values["alternate_flip"] = False
     return TrainConfig(**values)
 
 

@@ -142,7 +142,7 @@ def check_before_start(cfg: TrainConfig) -> None:
 
     check_model_name(cfg)
     if cfg.alternate_flip and cfg.augment not in ("standard", "robust"):
-        raise ConfigError(f"--alternate-flip needs --augment standard or robust (got {cfg.augment})")
+        raise ConfigError(f"--alternate-flip needs --augment standard or robust (got {cfg.augment}); or add --no-alternate-flip")
     if cfg.calibrate == "val" and cfg.val_size == 0:
         raise ConfigError("--calibrate val needs a validation split (--val-size > 0); use --calibrate heldout or auto")
     if cfg.strategy != "auto" and cfg.strategy not in StrategyRegistry.available_strategies():

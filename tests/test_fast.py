@@ -74,7 +74,7 @@ def test_batchnorm_shifts_get_their_own_learning_rate_and_decay() -> None:
     assert {id(p) for p in norm["params"]} == norm_ids
 
 
-@pytest.mark.parametrize("preset", ["seed", "90", "93", "94"])
+@pytest.mark.parametrize("preset", ["seed", "90", "93", "94", "95"])
 def test_each_preset_resolves_to_a_complete_valid_configuration(preset: str) -> None:
     cfg = cli.resolve_train_config(["--preset", preset])
     assert cfg.preset == preset
@@ -142,3 +142,38 @@ def test_lookahead_ends_on_its_slow_copy_and_saves_it_for_a_resume(tmp_path: Pat
     # At the last step the decay is 1: the network is exactly its slow copy.
     for key, slow in state["slow"].items():
         assert torch.equal(ckpt["state_dict"][key], slow), key
+
+
+def test_the_94_and_95_presets_use_the_alternating_flip_and_lookahead_and_drop_the_flip_with_their_augmentation() -> None:
+    for name in ("94", "95"):
+        cfg = cli.resolve_train_config(["--preset", name])
+        assert (cfg.alternate_flip, cfg.lookahead, cfg.augment, cfg.model) == (True, True, "standard", "fast")
+    assert recipes.preset("95")["widths"] == [128, 384, 384] and recipes.preset("95")["epochs"] > recipes.preset("94")["epochs"]
+    assert cli.resolve_train_config(["--preset", "94", "--augment", "none"]).alternate_flip is False
+    assert cli.resolve_train_config(["--preset", "94", "--augment", "robust"]).alternate_flip is True
+    explicit = cli.resolve_train_config(["--preset", "94", "--augment", "none", "--alternate-flip"])
+    with pytest.raises(recipes.ConfigError, match="--no-alternate-flip"):
+        train.check_before_start(explicit)
+
+
+def test_the_schedule_counts_the_steps_lightning_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The triangle schedule's length is counted without trainer.estimated_stepping_batches (which
+    would lose a resumed run's loader position); it must still be the number of steps trained."""
+    import lightning as L
+    from conftest import tiny_train_argv, write_imagefolder
+
+    seen = {}
+
+    class Count(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            seen["ours"] = pl_module.total_steps()
+
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            seen["ran"], seen["lightning"] = trainer.global_step, int(trainer.estimated_stepping_batches)
+
+    tree = write_imagefolder(tmp_path / "tree", n_train=9)  # 90 images: a last batch of 10 at batch 16
+    monkeypatch.setenv("CIFAR_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    argv = ["--preset", "94", "--widths", "8,16,16", "--batch-size", "16", "--tta", "0", "--log-images-every", "0"]
+    cfg = cli.resolve_train_config(tiny_train_argv(tree, tmp_path / "logs", *argv, epochs=2))
+    train.run_training(cfg, callbacks=[Count()])
+    assert seen["ours"] == seen["ran"] == seen["lightning"] > 0
