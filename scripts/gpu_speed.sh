@@ -4,16 +4,7 @@
 # The data comes in two calls (scripts/gpu_data.py pack; ../shared/docs/GPU.md):
 #   call 1, carry .gpu-data/part1.npz:                      bash scripts/gpu_speed.sh unpack .gpu-data/part1.npz
 #   call 2, carry .gpu-data/part2.npz .gpu-data/airbench:   bash scripts/gpu_speed.sh run
-set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-D=$PWD/.gpu-cifar
-if [ "$1" = unpack ]; then
-    python3 scripts/gpu_data.py unpack "$2" --out "$D"
-    python3 -c "import torch, torchvision, lightning; print(torch.__version__, torchvision.__version__, lightning.__version__, torch.cuda.get_device_name(), hasattr(torch.optim, 'Muon'))"
-    exit
-fi
-python3 scripts/gpu_data.py unpack .gpu-data/part2.npz --out "$D" || exit 1
-python3 -c "from cifar_lightning.data import CIFAR10DataModule as M; s = M('$D').load(); print({k: len(v.labels) for k, v in s.items()})" || exit 1
+source scripts/gpu_common.sh
 # 1. airbench, alone on the GPU: its warm-up, then 4 timed runs (package source carried in .gpu-data/airbench).
 PYTHONPATH=$PWD:$PWD/.gpu-data/airbench timeout ${AIRBENCH_LIMIT:-120} python3 scripts/gpu_airbench.py --data-dir "$D" --work /tmp/ab --runs 4 2>&1 | tee "$OUT/airbench.log" | grep -v Warning
 # 2. ours, alone: the preset as it ships, and the Muon candidate, through the real command line.

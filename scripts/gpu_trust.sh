@@ -3,16 +3,7 @@
 # ("Calibration and robustness"). The data comes in two calls (scripts/gpu_data.py pack):
 #   call 1, carry .gpu-data/part1.npz:  bash scripts/gpu_trust.sh unpack .gpu-data/part1.npz
 #   call 2, carry .gpu-data/part2.npz:  bash scripts/gpu_trust.sh sweep
-set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-D=$PWD/.gpu-cifar
-if [ "$1" = unpack ]; then
-    python3 scripts/gpu_data.py unpack "$2" --out "$D"
-    python3 -c "import torch, torchvision, lightning, cifar_lightning.train, cifar_lightning.evaluate; print(torch.__version__, torchvision.__version__, lightning.__version__, torch.cuda.get_device_name())"
-    exit
-fi
-python3 scripts/gpu_data.py unpack .gpu-data/part2.npz --out "$D" || exit 1
-python3 -c "from cifar_lightning.data import CIFAR10DataModule as M; s = M('$D').load(); print({k: len(v.labels) for k, v in s.items()})" || exit 1
+source scripts/gpu_common.sh
 T=/tmp/trust
 python3 scripts/benchmark_trust.py --data-dir "$D" --out $T --workers ${WORKERS:-5} --accelerator gpu --deadline ${DEADLINE:-330} \
     --seeds 0 1 2 3 \
