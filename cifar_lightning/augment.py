@@ -5,7 +5,8 @@ tensor op (an affine grid, a gather, a mask), so augmentation never needs DataLo
 Labels are never touched: every op here is label-preserving.
 
     seed      the Keras notebook's ImageDataGenerator ops: shift, flip, zoom, rotation, brightness
-    standard  pad-and-crop (4 px, reflect) plus horizontal flip, the usual CIFAR-10 recipe
+    standard  pad-and-crop (4 px, reflect) plus horizontal flip, the usual CIFAR-10 recipe;
+              optionally cutout (a square of the mean colour, airbench96's)
     robust    standard, then what photos go through on their way to a model: blur, sensor
               noise and JPEG compression (real libjpeg, 4:2:0), each on a share of the images
     none      identity
@@ -58,6 +59,25 @@ def random_crop(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
     batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
     channels = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
     return padded[batch, channels, rows, cols]
+
+
+def random_cutout(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Set a ``size`` x ``size`` square at a random place in each image (wholly inside it) to
+    the training set's mean colour, which normalisation turns into 0 (airbench96's cutout)."""
+    if size <= 0:
+        return images
+    from cifar_lightning.images import MEAN
+
+    n, _, h, w = images.shape
+    size = min(size, h, w)
+    top = torch.randint(0, h - size + 1, (n, 1, 1, 1), device=images.device)
+    left = torch.randint(0, w - size + 1, (n, 1, 1, 1), device=images.device)
+    rows = torch.arange(h, device=images.device).view(1, 1, h, 1) - top
+    cols = torch.arange(w, device=images.device).view(1, 1, 1, w) - left
+    inside = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+    fill = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    fill = (fill * 255).round() if images.dtype == torch.uint8 else fill
+    return torch.where(inside, fill.to(images.dtype), images)
 
 
 def random_affine(
@@ -186,6 +206,7 @@ class BatchAugment:
             return random_brightness(x, o["brightness"])
         if self.mode in ("standard", "robust"):
             images = random_flip(random_crop(images, int(o["crop_padding"])), o["flip"])
+            images = random_cutout(images, int(o["cutout"]))
         if self.mode == "robust":
             # The order a photo meets them: optics blur, the sensor adds noise, the file is a JPEG.
             images = random_jpeg(random_noise(random_blur(images, o["blur"]), o["noise"]), o["jpeg"])

@@ -101,17 +101,27 @@ class FrozenScaleBatchNorm(nn.BatchNorm2d):
 
 
 class ConvGroup(nn.Module):
-    """conv -> maxpool 2 -> BN -> GELU -> conv -> BN -> GELU, the fast network's unit."""
+    """conv -> maxpool 2 -> BN -> GELU -> conv -> BN -> GELU, the fast network's unit. With
+    ``depth`` 3 a third conv -> BN -> GELU follows, and the two after the pool become a residual
+    branch added to the pooled activation (airbench96's group)."""
 
-    def __init__(self, cin: int, cout: int, bn_momentum: float) -> None:
+    def __init__(self, cin: int, cout: int, bn_momentum: float, depth: int = 2) -> None:
         super().__init__()
+        if depth not in (2, 3):
+            raise ValueError(f"a conv group has 2 or 3 convolutions, not {depth}")
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
         self.norm1 = FrozenScaleBatchNorm(cout, bn_momentum)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.norm2 = FrozenScaleBatchNorm(cout, bn_momentum)
+        convs = [self.conv1, self.conv2]
+        if depth == 3:
+            self.conv3 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+            self.norm3 = FrozenScaleBatchNorm(cout, bn_momentum)
+            convs.append(self.conv3)
+        self.depth = depth
         self.act = nn.GELU()
-        for conv in (self.conv1, self.conv2):
+        for conv in convs:
             # Identity-like start: the first `cin` filters pass their input channel through,
             # so a deep stack starts near the identity and trains from the first step.
             w = conv.weight.data
@@ -119,7 +129,10 @@ class ConvGroup(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm1(self.pool(self.conv1(x))))
-        return self.act(self.norm2(self.conv2(x)))
+        y = self.act(self.norm2(self.conv2(x)))
+        if self.depth == 2:
+            return y
+        return x + self.act(self.norm3(self.conv3(y)))
 
 
 @register("fast")
@@ -130,6 +143,7 @@ class FastNet(nn.Module):
     The 2x2 whitening conv is set once from the training images' patch covariance
     (``init_whitening``) and never trained, so the first trainable conv sees decorrelated
     inputs; its bias trains for the first epochs only (the module decides when).
+    ``depth`` 3 gives every group a third conv and a residual (airbench96's network).
     """
 
     def __init__(
@@ -139,6 +153,7 @@ class FastNet(nn.Module):
         bn_momentum: float = 0.4,
         scaling_factor: float = 1 / 9,
         whiten_eps: float = 5e-4,
+        depth: int = 2,
     ) -> None:
         super().__init__()
         w1, w2, w3 = (int(w) for w in widths)
@@ -149,9 +164,9 @@ class FastNet(nn.Module):
         self.register_buffer("whitening_ready", torch.zeros((), dtype=torch.bool))
         self.layers = nn.Sequential(
             nn.GELU(),
-            ConvGroup(24, w1, bn_momentum),
-            ConvGroup(w1, w2, bn_momentum),
-            ConvGroup(w2, w3, bn_momentum),
+            ConvGroup(24, w1, bn_momentum, depth),
+            ConvGroup(w1, w2, bn_momentum, depth),
+            ConvGroup(w2, w3, bn_momentum, depth),
             nn.MaxPool2d(3),
             nn.Flatten(),
         )

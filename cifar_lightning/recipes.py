@@ -49,13 +49,13 @@ AUGMENT_DEFAULTS: dict[str, dict[str, float]] = {
         "rotation": 0.0,  # degrees, drawn from [-rotation, rotation]
         "brightness": 0.0,  # multiply by a factor from [1 - brightness, 1 + brightness]
     },
-    "standard": {"crop_padding": 4, "flip": 0.5},  # reflect-pad, random crop; horizontal flip
+    "standard": {"crop_padding": 4, "flip": 0.5, "cutout": 0},  # reflect-pad, random crop; horizontal flip; cutout off
     # standard plus what real photos go through: sensor noise, soft focus, JPEG compression
     # (docs/BENCHMARKS.md, "Choosing --augment robust"); each is the probability per image.
-    "robust": {"crop_padding": 4, "flip": 0.5, "jpeg": 0.5, "noise": 0.2, "blur": 0.2},
+    "robust": {"crop_padding": 4, "flip": 0.5, "cutout": 0, "jpeg": 0.5, "noise": 0.2, "blur": 0.2},
     "none": {},
 }
-AUGMENT_RANGES = ("shift", "flip", "zoom", "rotation", "brightness", "crop_padding", "jpeg", "noise", "blur")
+AUGMENT_RANGES = ("shift", "flip", "zoom", "rotation", "brightness", "crop_padding", "cutout", "jpeg", "noise", "blur")
 DEFAULT_PRESET = "94"
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
 
@@ -88,6 +88,7 @@ class TrainConfig:
     warmup_fraction: float = knob(0.2, "triangle schedule: fraction of steps spent warming up", min=0.0, max=1.0)
     whiten_bias_epochs: int = knob(0, "fast network: epochs its whitening bias trains before it is frozen", min=0)
     widths: list[int] | None = knob(None, "fast network: channels of its three conv groups, e.g. 64,256,256")
+    depth: int = knob(2, "fast network: convolutions per group; 3 adds a residual pair to each (airbench96's)", choices=(2, 3))
     tta: int = knob(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror+translate (kept by exports)", choices=TTA_LEVELS)
     lookahead: bool = knob(False, "lookahead weight averaging (airbench's)")
     # data
@@ -110,6 +111,8 @@ class TrainConfig:
     rotation: float | None = knob(None, "seed: max degrees", min=0.0, max=180.0)
     brightness: float | None = knob(None, "seed: factor range 1 +/- brightness", min=0.0, below=1.0)
     crop_padding: int | None = knob(None, "standard/robust: pad px before the random crop", min=0, max=16)
+    cutout: int | None = knob(None, "standard/robust: side px of a square, at a random place, set to the mean colour "
+                              "(airbench96's 12; 0 off)", min=0, max=32)
     jpeg: float | None = knob(None, "robust: share of images re-encoded as JPEG, quality 30-95", min=0.0, max=1.0)
     noise: float | None = knob(None, "robust: share of images given Gaussian noise, sigma up to 0.1", min=0.0, max=1.0)
     alternate_flip: bool = knob(False, "standard/robust: mirror each image on every other epoch (a seeded random half in the first; "
@@ -149,7 +152,10 @@ class TrainConfig:
         return self.calib_size if self.calibration_split() == "heldout" else 0
 
     def model_args(self) -> dict[str, Any] | None:
-        return {"widths": list(self.widths)} if self.widths and self.model == "fast" else None
+        if self.model != "fast":
+            return None
+        args = {"widths": list(self.widths)} if self.widths else {}
+        return {**args, "depth": self.depth} if self.depth != 2 else args or None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,7 +169,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 SECTIONS = {
     "model and optimisation": ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing",
                                "momentum", "muon_lr", "muon_momentum", "norm_bias_lr_scale", "warmup_fraction", "whiten_bias_epochs",
-                               "widths", "tta", "lookahead"),
+                               "widths", "depth", "tta", "lookahead"),
     "data": ("data_dir", "data_source", "download", "val_size", "split_seed", "limit_train_images", "num_workers", "calibrate",
              "calib_size"),
     "augmentation (on the device, training batches only)": ("augment", *AUGMENT_RANGES, "alternate_flip"),

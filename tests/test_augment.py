@@ -56,6 +56,28 @@ def test_standard_crop_is_a_window_of_the_reflect_padded_image() -> None:
     assert torch.equal(augment.random_crop(x, padding=0), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_cutout_sets_one_square_per_image_to_the_mean_colour(dtype: torch.dtype) -> None:
+    x = torch.full((64, 3, 32, 32), 3, dtype=torch.uint8)
+    x = x if dtype == torch.uint8 else x.float() / 255
+    torch.manual_seed(0)
+    out = augment.random_cutout(x, 12)
+    assert out.dtype == dtype and out.shape == x.shape
+    changed = (out != x).all(1)  # the mean colour differs from the constant image in every channel
+    assert (changed.sum((1, 2)) == 144).all(), "exactly one 12x12 square per image"
+    for mask in changed:  # a square: its bounding box holds nothing else
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        assert rows[-1] - rows[0] == 11 and cols[-1] - cols[0] == 11
+    corners = {(int(m.any(1).nonzero()[0]), int(m.any(0).nonzero()[0])) for m in changed}
+    assert len(corners) > 20, "placed at random"
+    filled = out[0][:, changed[0]]  # (3, 144): one colour
+    assert (filled == filled[:, :1]).all()
+    assert normalize(filled[:, :1].reshape(1, 3, 1, 1)).abs().max() < 0.01, "the mean colour: normalises to 0"
+    assert torch.equal(augment.random_cutout(x, 0), x)
+    torch.manual_seed(0)
+    assert torch.equal(BatchAugment("standard", crop_padding=0, flip=0, cutout=12)(x), out)
+
+
 def test_bad_ranges_and_options_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown augmentation"):
         BatchAugment("heavy")

@@ -74,7 +74,7 @@ def test_batchnorm_shifts_get_their_own_learning_rate_and_decay() -> None:
     assert {id(p) for p in norm["params"]} == norm_ids
 
 
-@pytest.mark.parametrize("preset", ["seed", "90", "93", "94", "95"])
+@pytest.mark.parametrize("preset", ["seed", "90", "93", "94", "95", "96"])
 def test_each_preset_resolves_to_a_complete_valid_configuration(preset: str) -> None:
     cfg = cli.resolve_train_config(["--preset", preset])
     assert cfg.preset == preset
@@ -83,7 +83,7 @@ def test_each_preset_resolves_to_a_complete_valid_configuration(preset: str) -> 
     recipes.check_model_name(cfg)  # raises on an unknown network
     module = ImageClassifier(
         model=cfg.model, lr=cfg.lr, optimizer=cfg.optimizer, schedule=cfg.schedule, tta=cfg.tta,
-        model_args={"widths": cfg.widths} if cfg.widths else None,
+        model_args=cfg.model_args(),
     )  # fmt: skip
     assert module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert train.resolve_precision(cfg.precision, "cpu") in recipes.PRECISIONS
@@ -154,6 +154,52 @@ def test_the_94_and_95_presets_use_the_alternating_flip_and_lookahead_and_drop_t
     explicit = cli.resolve_train_config(["--preset", "94", "--augment", "none", "--alternate-flip"])
     with pytest.raises(recipes.ConfigError, match="--no-alternate-flip"):
         train.check_before_start(explicit)
+
+
+def test_the_96_preset_is_airbench96s_network_and_augmentation() -> None:
+    cfg = cli.resolve_train_config(["--preset", "96"])
+    assert cfg.model_args() == {"widths": [128, 512, 512], "depth": 3}
+    assert (cfg.crop_padding, cfg.cutout, cfg.alternate_flip, cfg.lookahead, cfg.epochs) == (4, 12, True, True, 40)
+    assert cfg.augment_options() == {"crop_padding": 4, "cutout": 12, "flip": 0.0}
+    # The 2-conv presets keep the hyper-parameters their checkpoints were saved with: no depth key.
+    assert cli.resolve_train_config(["--preset", "94"]).model_args() == {"widths": [64, 256, 256]}
+    assert cli.resolve_train_config(["--preset", "94", "--depth", "3"]).model_args() == {"widths": [64, 256, 256], "depth": 3}
+    assert cli.resolve_train_config(["--preset", "seed", "--depth", "3"]).model_args() is None
+
+
+def test_a_depth_3_group_adds_its_residual_pair_to_the_pooled_activation() -> None:
+    torch.manual_seed(0)
+    group = models.ConvGroup(4, 8, 0.4, depth=3).eval()
+    x = torch.randn(2, 4, 8, 8)
+    pooled = group.act(group.norm1(group.pool(group.conv1(x))))
+    branch = group.act(group.norm3(group.conv3(group.act(group.norm2(group.conv2(pooled))))))
+    assert torch.allclose(group(x), pooled + branch)
+    net = models.build("fast", widths=[8, 16, 16], depth=3)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert {k for k in net.state_dict() if "conv3" in k} == {f"layers.{i}.conv3.weight" for i in (1, 2, 3)}
+    assert not any("conv3" in k for k in models.build("fast", widths=[8, 16, 16]).state_dict())
+    with pytest.raises(ValueError, match="2 or 3"):
+        models.build("fast", depth=4)
+
+
+def test_a_96_run_trains_and_its_checkpoint_loads_back_as_the_same_network(tmp_path: Path) -> None:
+    from cifar_lightning.inference import load_classifier
+
+    _, run = train_tiny_run(tmp_path, "--preset", "96", "--widths", "8,16,16", "--epochs", "1")
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert ckpt["hyper_parameters"]["model_args"] == {"widths": [8, 16, 16], "depth": 3}
+    assert "net.layers.3.conv3.weight" in ckpt["state_dict"]
+    clf = load_classifier(run / "checkpoints" / "last.ckpt")
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    probs = clf.probabilities(x)
+    assert probs.shape == (3, 10) and torch.allclose(probs.sum(1), torch.ones(3))
+
+
+@pytest.mark.parametrize("bad", [["--depth", "4"], ["--cutout", "-1"], ["--cutout", "40"], ["--preset", "96", "--augment", "seed"]])
+def test_bad_depth_and_cutout_flags_exit_2_with_one_line(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert call(cli.train_main, [*bad, "--data-dir", "/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
 def test_the_schedule_counts_the_steps_lightning_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
