@@ -5,6 +5,7 @@ Prints figures; asserts nothing.
     python scripts/benchmark.py pipeline                      # an epoch fed by the data module vs steps on in-memory tensors
     python scripts/benchmark.py time-to-accuracy --out docs/benchmark   # each preset (and the seed recipe): accuracy vs wall time
     python scripts/benchmark.py time-to-accuracy --recipes 94 --seeds 4 5 6 7 --out docs/benchmark --append  # more seeds, one recipe
+    python scripts/benchmark.py step --recipes 94,96                   # one bf16 step: profiler breakdown, convolutions alone
     python scripts/benchmark.py all --out docs/benchmark
     python scripts/benchmark.py replot --out docs/benchmark           # redraw the plot from its CSV
 
@@ -151,6 +152,98 @@ def bench_throughput(args: argparse.Namespace) -> list[dict]:
                          "gflop_per_s": gflops, "peak_gflop_per_s": peaks[p], "efficiency": gflops / peaks[p]})  # fmt: skip
             print(f"{label:<24}{batch:>6}  {p:<11}{ips:8.0f}{flops / 1e9:11.3f}{gflops:9.1f}{gflops / peaks[p]:9.1%}", flush=True)
     print(f"(registered networks: {', '.join(sorted(MODELS))}; FLOPs counted by torch.utils.flop_counter, forward + backward)")
+    return rows
+
+
+#: torch.profiler op names -> the part of a step they belong to (self time; the rest is "other")
+STEP_PARTS = {"convolution_backward": "convolutions, backward", "mkldnn_convolution": "convolutions, forward",
+              "max_pool2d": "max-pooling (forward, backward)", "fill_": "max-pooling (forward, backward)",
+              "batch_norm": "batch norm (forward, backward)", "gelu": "GELU (forward, backward)"}  # fmt: skip
+
+
+def conv_calls(net: torch.nn.Module, x: torch.Tensor) -> list[tuple]:
+    """(input shape, conv module, input needs a gradient) for every convolution a forward pass runs."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, i, o: calls.append((tuple(i[0].shape), m, i[0].requires_grad)))
+             for m in net.modules() if isinstance(m, torch.nn.Conv2d)]  # fmt: skip
+    with autocast("bf16-mixed"):
+        net(x)
+    for h in hooks:
+        h.remove()
+    return calls
+
+
+def convolutions_alone(net: torch.nn.Module, batch: int) -> list[dict]:
+    """The step's convolutions by themselves, each shape timed on its own in bf16, channels-last:
+    forward, then backward split into its input gradient and its weight gradient (only those the
+    step needs). Their sum is what the step would take if pooling, batch norm, GELU and the
+    optimiser cost nothing."""
+    rows = []
+    cl = torch.channels_last
+    for shape, conv, needs_input_grad in conv_calls(net, torch.randn(batch, 3, 32, 32).contiguous(memory_format=cl)):
+        x = torch.randn(shape, dtype=torch.bfloat16).contiguous(memory_format=cl)
+        w = conv.weight.detach().to(torch.bfloat16).contiguous(memory_format=cl)
+        y = F.conv2d(x, w, None, conv.stride, conv.padding)
+        g = torch.randn_like(y)
+
+        def backward(mask: list[bool]) -> float:
+            if not any(mask):
+                return 0.0
+            return _best_seconds(lambda: torch.ops.aten.convolution_backward(g, x, w, None, list(conv.stride), list(conv.padding),  # noqa: B023
+                                                                         [1, 1], False, [0, 0], 1, mask), reps=3)  # noqa: B023
+
+        flops = 2 * y.numel() * w[0].numel()
+        rows.append({"input": list(shape), "out_channels": w.shape[0], "gflop_forward": flops / 1e9,
+                     "forward_s": _best_seconds(lambda: F.conv2d(x, w, None, conv.stride, conv.padding), reps=3),  # noqa: B023
+                     "input_grad_s": backward([needs_input_grad, False, False]),
+                     "weight_grad_s": backward([False, conv.weight.requires_grad, False])})  # fmt: skip
+    return rows
+
+
+def bench_step(args: argparse.Namespace) -> list[dict]:
+    """One bf16 training step of each preset's network at its batch size: its time against the
+    conv reference, where the time goes (torch.profiler, self time by part), and the same step's
+    convolutions timed alone, the ceiling on what a cheaper pooling/BN/GELU could give."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print(f"\n== one training step, bf16 ({machine()})")
+    rows = []
+    for recipe in args.recipes.split(","):
+        net, batch = network_for(recipe)
+        flops = training_flops(net, batch)
+        step = train_step_fn(net, batch, "bf16-mixed")
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        rate = bf16_conv_rate()
+        seconds = _best_seconds(lambda: step(x, y), reps=4)  # noqa: B023
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                step(x, y)
+        parts: dict[str, float] = {}
+        for e in prof.key_averages():
+            part = next((v for k, v in STEP_PARTS.items() if k in e.key), "other")
+            parts[part] = parts.get(part, 0.0) + e.self_cpu_time_total
+        total = sum(parts.values())
+        shapes = convolutions_alone(net, batch)
+        convs = sum(r["forward_s"] + r["input_grad_s"] + r["weight_grad_s"] for r in shapes)
+        rate = (rate + bf16_conv_rate()) / 2
+        row = {"recipe": recipe, "batch": batch, "step_s": seconds, "gflop": flops / 1e9, "conv_gflops": rate,
+               "step_efficiency": flops / seconds / 1e9 / rate, "convolutions_alone_s": convs,
+               "convolutions_alone_efficiency": flops / convs / 1e9 / rate, "convolutions": shapes,
+               "breakdown": {k: v / total for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}}  # fmt: skip
+        rows.append(row)
+        print(f"preset {recipe}, batch {batch}: {seconds * 1e3:.0f} ms per step ({normalised(seconds, rate) * 1e3:.0f} ms normalised), "
+              f"{flops / seconds / 1e9:.0f} GFLOP/s = {row['step_efficiency']:.1%} of the bf16 3x3 conv rate ({rate:.0f} GFLOP/s)")
+        print(f"  its convolutions alone (forward + backward, each shape timed by itself): {convs * 1e3:.0f} ms, "
+              f"{row['convolutions_alone_efficiency']:.1%} of the conv rate: the ceiling with free pooling, BN and GELU")
+        for k, v in row["breakdown"].items():
+            print(f"  {k:<34}{v:7.1%}")
+        print("  each convolution alone, GFLOP/s against the conv rate: forward / input gradient / weight gradient")
+        for r in shapes:
+            n, c, h, _ = r["input"]
+            times = (r["forward_s"], r["input_grad_s"], r["weight_grad_s"])
+            eff = [f"{r['gflop_forward'] / t / rate:6.1%}" if t else "     -" for t in times]
+            print(f"  {c:>4} -> {r['out_channels']:<4} at {h:>2}x{h:<2}  {' / '.join(eff)}   "
+                  f"({r['forward_s'] * 1e3:.0f} / {r['input_grad_s'] * 1e3:.0f} / {r['weight_grad_s'] * 1e3:.0f} ms)")
     return rows
 
 
@@ -308,14 +401,14 @@ def replot(csv_path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("throughput", "pipeline", "time-to-accuracy", "all", "replot"),
+    p.add_argument("what", choices=("throughput", "pipeline", "time-to-accuracy", "step", "all", "replot"),
                    help="replot: redraw OUT/time_to_accuracy.png from its CSV")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     p.add_argument("--precision", default="auto", choices=("auto", "32-true", "bf16-mixed"))
     p.add_argument("--seconds", type=float, default=15.0, help="timing per throughput measurement")
     p.add_argument("--pipeline-steps", type=int, default=15)
     p.add_argument("--pipeline-repeats", type=int, default=3)
-    p.add_argument("--recipes", default="90,93,94,95,seed", help="presets to run for time-to-accuracy")
+    p.add_argument("--recipes", default="90,93,94,95,seed", help="presets to run for time-to-accuracy (step: fast ones only)")
     p.add_argument("--seed-epochs", type=int, default=0, help="cut the seed recipe short (0: its 20 epochs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="time-to-accuracy: seeds per recipe (the plot shows the first)")
     p.add_argument("--append", action="store_true", help="time-to-accuracy: keep --out's rows of recipes not run now")
@@ -332,6 +425,8 @@ def main() -> None:
         results["throughput"] = bench_throughput(args)
     if args.what in ("pipeline", "all"):
         results["pipeline"] = bench_pipeline(args)
+    if args.what == "step":
+        results["step"] = bench_step(args)
     if args.what in ("time-to-accuracy", "all"):
         rows, runs = bench_time_to_accuracy(args)
         ran = {r["recipe"] for r in runs}
