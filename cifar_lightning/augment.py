@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cifar_lightning.images import MEAN
 from cifar_lightning.recipes import AUGMENT_DEFAULTS, AUGMENTS
 
 
@@ -66,8 +67,6 @@ def random_cutout(images: torch.Tensor, size: int) -> torch.Tensor:
     the training set's mean colour, which normalisation turns into 0 (airbench96's cutout)."""
     if size <= 0:
         return images
-    from cifar_lightning.images import MEAN
-
     n, _, h, w = images.shape
     size = min(size, h, w)
     top = torch.randint(0, h - size + 1, (n, 1, 1, 1), device=images.device)

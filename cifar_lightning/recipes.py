@@ -154,8 +154,10 @@ class TrainConfig:
     def model_args(self) -> dict[str, Any] | None:
         if self.model != "fast":
             return None
-        args = {"widths": list(self.widths)} if self.widths else {}
-        return {**args, "depth": self.depth} if self.depth != 2 else args or None
+        args: dict[str, Any] = {"widths": list(self.widths)} if self.widths else {}
+        if self.depth != 2:  # 2-conv checkpoints keep the hyper-parameters they were saved with
+            args["depth"] = self.depth
+        return args or None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -213,7 +213,7 @@ def bench_step(args: argparse.Namespace) -> list[dict]:
         flops = training_flops(net, batch)
         step = train_step_fn(net, batch, "bf16-mixed")
         x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-        rate = bf16_conv_rate()
+        before = bf16_conv_rate()
         seconds = _best_seconds(lambda: step(x, y), reps=4)  # noqa: B023
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(2):
@@ -225,7 +225,7 @@ def bench_step(args: argparse.Namespace) -> list[dict]:
         total = sum(parts.values())
         shapes = convolutions_alone(net, batch)
         convs = sum(r["forward_s"] + r["input_grad_s"] + r["weight_grad_s"] for r in shapes)
-        rate = (rate + bf16_conv_rate()) / 2
+        rate = (before + bf16_conv_rate()) / 2
         row = {"recipe": recipe, "batch": batch, "step_s": seconds, "gflop": flops / 1e9, "conv_gflops": rate,
                "step_efficiency": flops / seconds / 1e9 / rate, "convolutions_alone_s": convs,
                "convolutions_alone_efficiency": flops / convs / 1e9 / rate, "convolutions": shapes,

@@ -92,9 +92,10 @@ def main() -> None:
         print(json.dumps({"bf16_conv_gflops": gpu_bf16_conv_rate()}), flush=True)
     alone = args.out / "alone94"
     t0 = time.perf_counter()
-    subprocess.call([sys.executable, "-m", "cifar_lightning", "train", "--data-dir", args.data_dir, "--accelerator", args.accelerator,
-                     "--no-progress-bar", "--log-dir", str(alone), "--preset", "94", *args.extra.split()], cwd=REPO,
-                    stdout=open(args.out / "alone94.log", "w"), stderr=subprocess.STDOUT)  # fmt: skip
+    with open(args.out / "alone94.log", "w") as log:
+        subprocess.call([sys.executable, "-m", "cifar_lightning", "train", "--data-dir", args.data_dir, "--accelerator", args.accelerator,
+                         "--no-progress-bar", "--log-dir", str(alone), "--preset", "94", *args.extra.split()], cwd=REPO,
+                        stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     r = json.loads((alone / "version_0/results.json").read_text()) if (alone / "version_0/results.json").is_file() else {}
     print(json.dumps({"run": "p94 alone", "command_s": time.perf_counter() - t0, "test_acc": r.get("test_acc"),
                       "wall_seconds": r.get("wall_seconds"), "train_seconds": sum(r.get("train_seconds") or [])}), flush=True)  # fmt: skip
@@ -121,6 +122,7 @@ def main() -> None:
         subprocess.call(trust(args.out / "test", args, TEST_SEEDS, tests, 4, left()), cwd=REPO, stdout=log,
                         stderr=subprocess.STDOUT)  # fmt: skip
     p96.wait()
+    log96.close()
     for name in ("sweep", "test", "p96"):
         f = args.out / name / "summary.md"
         print(f"== {name}\n{f.read_text() if f.is_file() else '(none)'}", flush=True)

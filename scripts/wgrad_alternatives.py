@@ -14,22 +14,15 @@ each gives the same gradient. Prints; asserts nothing (docs/BENCHMARKS.md, "The 
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
+from benchmark import _best_seconds  # scripts/ is on the path when this runs as a script
 
 SHAPES = [(24, 64, 31), (64, 64, 15), (64, 256, 15), (256, 256, 7), (256, 256, 3)]  # (in, out, side) of the 94 network
 
 
-def best_ms(fn, reps: int = 5) -> float:  # noqa: ANN001
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+def best_ms(fn) -> float:  # noqa: ANN001
+    return _best_seconds(fn) * 1e3
 
 
 def onednn(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
