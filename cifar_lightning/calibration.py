@@ -9,23 +9,24 @@ prediction: dividing by T > 0 keeps every argmax. The test set takes no part in 
 
 T is stored in the checkpoint (``checkpoint["calibration"]``), baked into ONNX and TorchScript
 graphs and recorded in the safetensors sidecar, so every path gives the same probabilities.
+This module is the math alone (fit T, apply it, ECE, read it back); writing T into a
+checkpoint is the training run's step (``train.calibrate_checkpoint``).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torchmetrics
+from torchmetrics.functional.classification import multiclass_calibration_error
 
 from cifar_lightning.errors import CheckpointError
 
-if TYPE_CHECKING:
-    from cifar_lightning.module import ImageClassifier
-
-N_BINS = 15  # ECE bins, as cifar-evaluate reports it (torchmetrics, L1)
+N_BINS = 15  # ECE bins, everywhere ECE is reported (torchmetrics, L1)
 
 
 T_RANGE = (0.01, 100.0)
@@ -56,10 +57,21 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 1 / ((lo + hi) / 2)
 
 
-def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> float:
-    from torchmetrics.functional.classification import multiclass_calibration_error
+def ece(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Expected calibration error: the one definition (N_BINS equal-width bins, L1)."""
+    return float(multiclass_calibration_error(probs.float(), labels, probs.shape[1], n_bins=N_BINS, norm="l1"))
 
-    return float(multiclass_calibration_error(probs.float(), labels, probs.shape[1], n_bins=n_bins, norm="l1"))
+
+def ece_metric(num_classes: int) -> torchmetrics.Metric:
+    """``ece`` as a torchmetrics metric, for a LightningModule that accumulates it over batches
+    (and processes, under DDP): the same bins and norm."""
+    return torchmetrics.classification.MulticlassCalibrationError(num_classes, n_bins=N_BINS, norm="l1")
+
+
+def apply_temperature(logits: torch.Tensor, t: float) -> torch.Tensor:
+    """Calibrated logits: ``logits / T``. Every path that applies a temperature calls this (the
+    ``Classifier``, the training run's test and the graphs exports bake it into)."""
+    return logits / t if t != 1.0 else logits
 
 
 def summary(logits: torch.Tensor, labels: torch.Tensor, t: float, split: str) -> dict[str, Any]:
@@ -92,30 +104,3 @@ def temperature_of(calibration: Any, where: str | Path = "checkpoint") -> float:
     if not usable_temperature(t):
         raise CheckpointError(f"{where}: its calibration temperature {t!r} is not a positive number")
     return float(t)
-
-
-def calibration_logits(module: ImageClassifier, images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Raw float32 logits of a loaded (not training) module with its test-time views, through
-    the one inference path (``inference.Classifier``): exactly what inference divides by T."""
-    from cifar_lightning.images import CLASSES
-    from cifar_lightning.inference import Classifier
-    from cifar_lightning.models import with_tta
-
-    net = with_tta(module.net.eval(), module.hparams.tta).to(device)
-    return Classifier(net, module.hparams.class_names or CLASSES, device=str(device)).logits(images, batch_size=500)
-
-
-def calibrate_checkpoint(path: Path, images: torch.Tensor, labels: torch.Tensor, split: str, device: torch.device | str,
-                         write: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Fit T for the checkpoint at ``path`` on (images, labels) and write it into the file
-    (atomically: a kill leaves the old file). Returns the calibration entry."""
-    from cifar_lightning.checkpoint import atomic_write, classifier_from_checkpoint, load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    module = classifier_from_checkpoint(ckpt, path).to(device)
-    logits = calibration_logits(module, images, device)
-    entry = summary(logits, labels.cpu(), fit_temperature(logits, labels), split)
-    if write:
-        ckpt["calibration"] = entry
-        atomic_write(path, lambda tmp: torch.save(ckpt, tmp), fsync=True)
-    return entry

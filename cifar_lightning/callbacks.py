@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+import os
+import signal
+import statistics
+import threading
 import time
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.flop_counter import FlopCounterMode
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+from cifar_lightning import report
+from cifar_lightning.images import denormalize
+from cifar_lightning.runs import LAST
 
 
 class EpochReport(L.Callback):
@@ -59,6 +73,59 @@ def _duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def training_flops_per_image(net: torch.nn.Module, device: torch.device | str = "cpu") -> int:
+    """FLOPs of one training image, forward and backward (convolutions and matmuls, torch's own
+    count), measured on a copy of ``net`` so that its weights, gradients and BatchNorm
+    statistics stay untouched."""
+    probe = copy.deepcopy(net).train()
+    x = torch.randn(2, 3, 32, 32, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        probe(x).float().logsumexp(-1).sum().backward()
+    return counter.get_total_flops() // 2
+
+
+class RunEstimate(L.Callback):
+    """Says early how long the run will take here: the recipe's training PFLOP when training
+    starts, then, after its first timed steps (the very first is a warm-up), the whole run's
+    training time on this machine, from its own median step. Machines differ by 5-6x (an AMX
+    CPU in bf16 against an AVX2-only one in fp32), so a figure measured elsewhere would mislead.
+    A long run names a faster preset."""
+
+    def __init__(self, faster_preset: str | None = None, timed_steps: int = 3, long_seconds: float = 20 * 60) -> None:
+        self.faster_preset, self.timed_steps, self.long_seconds = faster_preset, timed_steps, long_seconds
+        self._times: list[float] = []
+        self._start = 0.0
+        self.estimate_seconds: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._times, self.estimate_seconds = [], None
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        images = len(dm.train_set) * max(trainer.max_epochs or 1, 1) if getattr(dm, "train_set", None) is not None else 0
+        flops = training_flops_per_image(pl_module.net, pl_module.device) * images
+        print(f"training: {flops / 1e15:.3f} PFLOP ({images:,} images seen, forward and backward)", flush=True)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:  # noqa: ANN001
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
+        if self.estimate_seconds is not None or not trainer.is_global_zero:
+            return
+        self._times.append(time.perf_counter() - self._start)
+        if len(self._times) < self.timed_steps + 1:
+            return
+        step = statistics.median(self._times[1:])
+        left = max(int(pl_module.total_steps()) - trainer.global_step, 0)
+        self.estimate_seconds = step * left
+        line = (f"estimate: {left} more steps at {step:.2f} s a step, about {_duration(self.estimate_seconds)} of training "
+                "on this machine (measured on its first steps)")  # fmt: skip
+        if self.estimate_seconds > self.long_seconds and self.faster_preset:
+            line += f"; for a quicker run try --preset {self.faster_preset}"
+        print(line, flush=True)
+
+
 class TensorBoardImages(L.Callback):
     """The confusion-matrix heatmap and a small prediction grid as TensorBoard images: every
     ``every_n_epochs`` validation epochs (0: never), and always for the final test, so even a
@@ -80,16 +147,12 @@ class TensorBoardImages(L.Callback):
         self._probs = None
 
     def _logging(self, trainer: L.Trainer) -> bool:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         return trainer.is_global_zero and not trainer.sanity_checking and isinstance(trainer.logger, TensorBoardLogger)
 
     def _val_active(self, trainer: L.Trainer) -> bool:
         return self.every_n_epochs > 0 and self._logging(trainer) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _collect(self, outputs, batch) -> None:  # noqa: ANN001
-        from cifar_lightning.images import denormalize
-
         x, y = batch
         probs = outputs.softmax(-1).float().cpu()  # the eval steps return logits
         self._preds.append(probs.argmax(-1))
@@ -99,11 +162,6 @@ class TensorBoardImages(L.Callback):
             self._probs = probs[: self.grid]
 
     def _log(self, trainer: L.Trainer, stage: str, step: int, title: str) -> None:
-        import torch
-        from torchmetrics.functional.classification import multiclass_confusion_matrix
-
-        from cifar_lightning import report
-
         if not self._preds:
             return
         preds, labels = torch.cat(self._preds), torch.cat(self._labels)
@@ -160,9 +218,7 @@ class Lookahead(L.Callback):
             self.slow = {k: v.detach().clone() for k, v in self._float_state(pl_module).items()}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
-        import torch
-
-        step, total = trainer.global_step, max(int(trainer.estimated_stepping_batches), 1)
+        step, total = trainer.global_step, max(int(pl_module.total_steps()), 1)
         if step % self.every and step != total:
             return
         decay = 1.0 if step >= total else self.alpha * (step / total) ** self.power
@@ -198,9 +254,6 @@ class StopOnSignal(L.Callback):
         self._previous = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import signal
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return
 
@@ -220,8 +273,6 @@ class StopOnSignal(L.Callback):
         self._previous = signal.signal(signal.SIGINT, on_sigint)
 
     def _restore(self) -> None:
-        import signal
-
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
@@ -230,14 +281,10 @@ class StopOnSignal(L.Callback):
         self._restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         self._restore()
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
-            import os
-
             self.signal_name = self.signal_name or "SIGTERM"
-            path = os.path.join(self.checkpoints.dirpath, "last.ckpt")
+            path = os.path.join(self.checkpoints.dirpath, LAST)
             trainer.save_checkpoint(path)
             self.saved = path
 

@@ -1,143 +1,25 @@
-"""Checkpoints and files: safe loading, and the one way this project writes a file or folder.
-
-Every file the project writes (checkpoints, exports and their metadata, the decoded-image
-cache, reports, run records) goes through ``atomic_write`` or ``atomic_dir``: the bytes go to a
-hidden temporary sibling first and only a complete, checked result replaces the target with
-``os.replace`` (atomic on POSIX and Windows). A kill, a full disk or a failed check never leaves
-a half-written file, nor destroys the one that was there.
+"""A checkpoint of this project, read safely: weights-only loading, the checks on what it
+describes, and its network rebuilt from it alone (no Lightning: predicting from a .ckpt needs
+only torch).
 
 Loading a checkpoint never unpickles arbitrary objects (``torch.load(weights_only=True)``).
+Its hyper-parameters are input like any other: checked before they size anything.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import os
+import math
 import pickle
 import re
-import shutil
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
-from cifar_lightning.errors import CheckpointError, ConfigError
+import torch
 
-if TYPE_CHECKING:
-    from cifar_lightning.module import ImageClassifier
-
-T = TypeVar("T")
-SIDECAR_FORMAT = "cifar-lightning-export"
-
-
-def sidecar_path(model_path: Path) -> Path:
-    """model.onnx -> model.onnx.json: one metadata file beside every exported model."""
-    return model_path.with_name(model_path.name + ".json")
-
-
-def temp_sibling(path: Path) -> Path:
-    """A hidden name beside ``path`` (same folder, so the final rename never crosses file
-    systems); its suffix is kept because some writers choose the format from it."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-
-
-def is_temp_sibling(path: Path) -> bool:
-    """A file ``temp_sibling`` made, e.g. left behind by a run killed mid-write."""
-    return path.name.startswith(".") and ".tmp-" in path.name
-
-
-def atomic_write(
-    path: str | Path, write: Callable[[Path], None], check: Callable[[Path], T] | None = None, fsync: bool = False
-) -> T | None:
-    """write(tmp); result = check(tmp); then tmp replaces ``path``. Returns check's result.
-
-    ``fsync`` flushes the bytes to disk before the rename (for checkpoints: the file a resumed
-    run needs must survive a power cut, not just a kill)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    try:
-        write(tmp)
-        if fsync:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        result = check(tmp) if check else None
-        os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it: some writers use 0600 temp files
-        os.replace(tmp, path)
-        return result
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
-
-
-def atomic_dir(path: str | Path, write: Callable[[Path], T], replace: bool = False) -> T:
-    """write(tmp_dir) fills a hidden temporary folder, which then becomes ``path``. An empty
-    ``path`` (e.g. one claimed with ``claim_free_dir``) is taken over; a non-empty one is
-    replaced only when ``replace`` is set, and only once the new one is whole."""
-    path = Path(path)
-    tmp = temp_sibling(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        result = write(tmp)
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-        elif replace and path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)  # fails (FileExistsError/OSError) if someone else took path meanwhile
-        return result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def claim_free_dir(base: Path) -> Path:
-    """Create and return base, or base_2, base_3...: the first free one (see ``claim_first``)."""
-    base.parent.mkdir(parents=True, exist_ok=True)
-    return claim_first(base if n == 1 else base.with_name(f"{base.name}_{n}") for n in itertools.count(1))
-
-
-def claim_first(candidates: Iterable[Path]) -> Path:
-    """Create the first candidate folder that does not exist yet and return it. mkdir is atomic,
-    so two processes started at once never pick (and then replace) the same folder."""
-    for candidate in candidates:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise RuntimeError("no candidate folder was free")  # the candidates given here never end
-
-
-def refuse_overlap(out: Path, inputs: dict[str, Path | None], inside: dict[str, Path | None] | None = None) -> None:
-    """An output may not be, or contain, any of ``inputs`` (a user's checkpoint, run or data),
-    nor lie inside any of ``inside`` (e.g. the data dir, where report PNGs would become training
-    images): refused whatever --overwrite says."""
-    target = Path(os.path.abspath(out))
-    for what, path in inputs.items():
-        if path is not None:
-            p = Path(os.path.abspath(path))
-            if target == p or target in p.parents:
-                raise ConfigError(f"--out {out}: would overwrite the {what} {path}; choose another path")
-    for what, path in (inside or {}).items():
-        if path is not None and Path(os.path.abspath(path)) in target.parents:
-            raise ConfigError(f"--out {out}: lies inside the {what} {path}; choose a path outside it")
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from cifar_lightning import models
+from cifar_lightning.calibration import temperature_of
+from cifar_lightning.errors import CheckpointError
+from cifar_lightning.recipes import TTA_LEVELS
 
 
 def _first_line(e: BaseException) -> str:
@@ -152,8 +34,6 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     plain containers, so a malicious file fails here instead of running code; ``map_location``
     lets a checkpoint saved on a GPU load on a CPU-only machine.
     """
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -186,8 +66,6 @@ def network_spec_problem(model: Any, model_args: Any, class_names: Any, num_clas
     """What is wrong with a network description read from a file (checkpoint hyper-parameters
     or export metadata), or None. Such a file is input like any other: it must not reach the
     network's constructor with a string for a list or a zero for a scale."""
-    import math
-
     if not isinstance(model, str):
         return f"'model' must be a network name, got {type(model).__name__}"
     if model_args is not None and not isinstance(model_args, dict):
@@ -214,36 +92,10 @@ def network_spec_problem(model: Any, model_args: Any, class_names: Any, num_clas
 
 def non_finite_tensor(tensors: dict) -> str | None:
     """The name of the first floating-point tensor holding a NaN or infinity, else None."""
-    import torch
-
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return str(name)
     return None
-
-
-def classifier_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> ImageClassifier:
-    """Rebuild the network from the checkpoint's hyperparameters and load its weights."""
-    from cifar_lightning import models
-    from cifar_lightning.module import ImageClassifier
-
-    hp = ckpt["hyper_parameters"]
-    problem = network_spec_problem(hp.get("model"), hp.get("model_args"), hp.get("class_names"), hp.get("num_classes", 10))
-    if problem:
-        raise CheckpointError(f"{path}: unusable hyper-parameters: {problem}")
-    name = hp["model"]
-    if name not in models.MODELS:
-        raise CheckpointError(f"{path}: a checkpoint of network {name!r}, which this version does not know ({', '.join(models.MODELS)})")
-    try:
-        module = ImageClassifier(**ckpt["hyper_parameters"])
-        module.load_state_dict(ckpt["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: weights do not fit the network it names ({state_dict_mismatch(e)})") from None
-    from cifar_lightning.calibration import temperature_of
-
-    temperature_of(ckpt.get("calibration"), path)  # a damaged entry is refused here, not at first use
-    module.calibration = ckpt.get("calibration")
-    return module
 
 
 def state_dict_mismatch(e: BaseException) -> str:
@@ -253,47 +105,34 @@ def state_dict_mismatch(e: BaseException) -> str:
     return f"{lines[0]} {detail}".strip()[:400] if lines else type(e).__name__
 
 
-def run_dir_of(ckpt_path: Path) -> Path | None:
-    """LOG_DIR/version_N for a checkpoint in LOG_DIR/version_N/checkpoints/ (with its
-    config.yaml), else None."""
-    run = ckpt_path.parent.parent
-    if ckpt_path.parent.name == "checkpoints" and (run / "config.yaml").is_file():
-        return run
-    return None
+def check_spec(ckpt: dict, path: str | Path = "checkpoint") -> dict:
+    """The checkpoint's hyper-parameters, once they describe a network this version can build
+    and a usable temperature; CheckpointError naming the problem otherwise."""
+    hp = ckpt["hyper_parameters"]
+    problem = network_spec_problem(hp.get("model"), hp.get("model_args"), hp.get("class_names"), hp.get("num_classes", 10))
+    tta = hp.get("tta", 0)
+    if isinstance(tta, bool) or tta not in TTA_LEVELS:
+        problem = problem or f"'tta' must be one of {TTA_LEVELS}, got {str(tta)[:40]}"
+    if problem:
+        raise CheckpointError(f"{path}: unusable hyper-parameters: {problem}")
+    if hp["model"] not in models.MODELS:
+        known = ", ".join(models.MODELS)
+        raise CheckpointError(f"{path}: a checkpoint of network {hp['model']!r}, which this version does not know ({known})")
+    temperature_of(ckpt.get("calibration"), path)  # a damaged entry is refused here, not at first use
+    return hp
 
 
-# ----------------------------------------------------------------------------- run directories
-
-
-def version_of(run_dir: Path) -> int | None:
-    m = re.fullmatch(r"version_(\d+)", run_dir.name)
-    return int(m.group(1)) if m else None
-
-
-def find_last_checkpoint(log_dir: Path) -> Path:
-    """The newest run's last.ckpt under log_dir (for --resume last)."""
-    runs = sorted((v, p) for p in (log_dir.iterdir() if log_dir.is_dir() else []) if (v := version_of(p)) is not None)
-    for _, run in reversed(runs):
-        if (run / "checkpoints" / "last.ckpt").is_file():
-            return run / "checkpoints" / "last.ckpt"
-    raise CheckpointError(f"--resume last: no run with checkpoints/last.ckpt under {log_dir}")
-
-
-def claim_new_dir(parent: Path, name: str, what: str) -> Path:
-    """Create parent/<name> with the first free N in ``name.format(N)``; mkdir is atomic, so two
-    processes started at once never share (and overwrite) a folder."""
+def network_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> torch.nn.Module:
+    """The checkpoint's network with its weights, in eval mode: built from its hyper-parameters
+    alone (``models.build(model, num_classes, **model_args)``), as ``ImageClassifier`` builds it."""
+    hp = check_spec(ckpt, path)
+    state = ckpt["state_dict"]
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        pattern = re.compile(re.escape(name).replace(r"\{\}", r"(\d+)"))
-        taken = [int(m.group(1)) for p in parent.iterdir() if (m := pattern.fullmatch(p.name))]
-    except OSError as e:
-        raise ConfigError(f"{what} {parent}: cannot create or read it ({e.strerror})") from None
-    try:
-        return claim_first(parent / name.format(n) for n in itertools.count(max(taken, default=-1) + 1))
-    except OSError as e:
-        raise ConfigError(f"{what} {parent}: cannot create a folder there ({e.strerror})") from None
-
-
-def claim_new_run_dir(log_dir: Path) -> Path:
-    """LOG_DIR/version_N with the next free N."""
-    return claim_new_dir(log_dir, "version_{}", "--log-dir")
+        net = models.build(hp["model"], num_classes=hp.get("num_classes", 10), **(hp.get("model_args") or {}))
+        foreign = [k for k in state if not str(k).startswith("net.")]
+        if foreign:
+            raise RuntimeError(f"Error(s) in loading state_dict:\n\tUnexpected key(s) in state_dict: {', '.join(map(str, foreign[:5]))}")
+        net.load_state_dict({k[4:]: v for k, v in state.items()})
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the network it names ({state_dict_mismatch(e)})") from None
+    return net.eval()

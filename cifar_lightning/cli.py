@@ -4,25 +4,21 @@
     cifar-train --preset seed --print-config > my.yaml             # a recipe to read and edit
     cifar-evaluate lightning_logs/version_0/checkpoints/last.ckpt
 
-Nothing heavy is imported at load time: ``--help`` reads no torch or Lightning. Exit statuses:
-0 done; 2 a user error (bad flag, file or model: one line); 1 a failure (one line, or a
-traceback with CIFAR_LIGHTNING_DEBUG=1); 128+N stopped by signal N after saving a checkpoint.
+This module parses and hands over; each command's body lives with what it acts on, and
+``errors.exit_status`` maps what it raises to an exit status (0 done; 2 a user error: one
+line; 1 a failure; 128+N stopped by signal N after saving a checkpoint). Nothing heavy is
+imported at load time: ``--help`` reads no torch, numpy, PIL or Lightning, so each body's module
+is imported inside its function.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from cifar_lightning import recipes
-from cifar_lightning.errors import ConfigError, RunInterruptedError, TrainingFailedError, UserError
-from cifar_lightning.export import FORMATS
-from cifar_lightning.recipes import ACCELERATORS, AUGMENT_RANGES, AUGMENTS, FIELDS, SECTIONS, TTA_LEVELS, WHY
+from cifar_lightning import recipes, runs
+from cifar_lightning.errors import exit_status
+from cifar_lightning.recipes import ACCELERATORS, AUGMENT_RANGES, AUGMENTS, EXPORT_FORMATS, FIELDS, SECTIONS, TTA_LEVELS, WHY
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -62,18 +58,18 @@ def _by_preset(name: str) -> str:
 
 
 def _add_knob(group: argparse._ArgumentGroup, name: str) -> None:
-    f, kind = FIELDS[name], str(FIELDS[name].type)
+    f, kind = FIELDS[name], recipes.field_kind(name)
     help_text = (WHY[name] + (_by_preset(name) if name in BY_PRESET else "")).replace("%", "%%")
     flag = recipes.flag(name)
-    if kind.startswith("bool"):
+    if kind == "bool":
         group.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{help_text} (default {f.default})")
         return
     kw: dict[str, Any] = {"help": help_text, "metavar": METAVARS.get(name)}
-    if "choices" in f.metadata:
-        kw["choices"], kw["metavar"] = f.metadata["choices"], None
-    if kind.startswith("int") and name != "devices":
+    if recipes.choices(name):
+        kw["choices"], kw["metavar"] = recipes.choices(name), None
+    if kind == "int" and name != "devices":
         kw["type"] = int
-    elif kind.startswith("float"):
+    elif kind == "float":
         kw["type"] = float
     group.add_argument(flag, **kw)
 
@@ -100,7 +96,7 @@ def train_parser() -> argparse.ArgumentParser:
 def _recipe(args: dict[str, Any]) -> recipes.TrainConfig:
     """--config values, then the flags given on top of them, layered over preset and defaults."""
     args = {k: v for k, v in args.items() if k != "print_config"}
-    return recipes.resolve({**(recipes.read_yaml(args.pop("config")) if "config" in args else {}), **args})
+    return runs.resolve_recipe({**(recipes.read_yaml(args.pop("config")) if "config" in args else {}), **args})
 
 
 def resolve_train_config(argv: list[str] | None) -> recipes.TrainConfig:
@@ -117,14 +113,12 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.get("print_config"):
             print(cfg.to_yaml(), end="")
             return 0
-        from cifar_lightning.train import run_training, summary
+        from cifar_lightning.train import train_command  # torch and Lightning load only now
 
-        results = run_training(cfg)
-        if results["global_rank"] == 0:
-            print(summary(results))
+        train_command(cfg)
         return 0
 
-    return _guarded("cifar-train", body)
+    return exit_status("cifar-train", body)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -158,19 +152,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = evaluate_parser().parse_args(argv)
 
     def body() -> int:
-        from cifar_lightning import report
-        from cifar_lightning.evaluate import evaluate
-        from cifar_lightning.inference import device_for
+        from cifar_lightning.evaluate import evaluate_command  # torch loads only now
 
-        out, metrics = evaluate(
-            args.model, args.data_dir, args.split, args.out, args.overwrite, device_for(args.accelerator), args.batch_size,
-            args.grid, args.download, calibrate=args.calibrate, corruptions=args.corruptions, seed=args.seed,
-        )  # fmt: skip
-        print(report.format_table(metrics))
-        print(f"\nreport: {out / 'report.md'}")
+        evaluate_command(args.model, args.data_dir, args.split, args.out, args.overwrite, args.accelerator, args.batch_size,
+                         args.grid, args.download, calibrate=args.calibrate, corruptions=args.corruptions, seed=args.seed)  # fmt: skip
         return 0
 
-    return _guarded("cifar-evaluate", body)
+    return exit_status("cifar-evaluate", body)
 
 
 # ----------------------------------------------------------------------------- show data
@@ -202,19 +190,15 @@ def show_data_main(argv: list[str] | None = None) -> int:
     args = show_data_parser().parse_args(argv)
 
     def body() -> int:
-        from cifar_lightning import report
+        ranges = {k: getattr(args, k) for k in AUGMENT_RANGES if getattr(args, k) is not None}
+        ranges = recipes.check_values(ranges)
+        from cifar_lightning.report import show_data_command  # torch and matplotlib load only now
 
-        out = _new_file(args.out or ("data_grid.png" if args.augment == "none" else f"data_grid_{args.augment}.png"), args.overwrite)
-        ranges = {k: recipes.check_value(k, getattr(args, k)) for k in AUGMENT_RANGES if getattr(args, k) is not None}
-        fig = report.data_grid_of(args.data_dir, args.augment, ranges, args.per_class, args.n_augmented, args.seed, args.download)
-        try:
-            report.save_figure(fig, out)
-        except OSError as e:
-            raise ConfigError(f"--out {out}: cannot write ({e.strerror or e})") from None
-        print(out)
+        show_data_command(args.data_dir, args.augment, ranges, args.per_class, args.n_augmented, args.seed, args.out,
+                          args.overwrite, args.download)  # fmt: skip
         return 0
 
-    return _guarded("cifar-show-data", body)
+    return exit_status("cifar-show-data", body)
 
 
 # ----------------------------------------------------------------------------- export
@@ -227,7 +211,7 @@ def export_parser() -> argparse.ArgumentParser:
         "the PyTorch network on real test images. The checkpoint's test-time augmentation goes with it.",
     )
     p.add_argument("checkpoint", help="a Lightning .ckpt written by cifar-train")
-    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True)
     p.add_argument("--out", required=True, help="output file; its metadata goes to OUT.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--tta", type=int, choices=TTA_LEVELS,
@@ -247,28 +231,13 @@ def export_main(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
 
     def body() -> int:
-        from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint, refuse_overlap, sidecar_path
-        from cifar_lightning.export import check_images, export, export_path
+        from cifar_lightning.export import export_command  # torch loads only now
 
-        ckpt_path = Path(args.checkpoint)
-        module = classifier_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
-        out = export_path(Path(args.out), args.format)
-        refuse_overlap(out, {"checkpoint": ckpt_path})
-        refuse_overlap(sidecar_path(out), {"checkpoint": ckpt_path})
-        out = _new_file(str(out), args.overwrite)
-        images, where = check_images(ckpt_path, args.data_dir, args.check_images, args.download, args.random_check)
-        try:
-            check = export(module, ckpt_path, args.format, out, images, tta=args.tta, calibrate=args.calibrate)
-        except OSError as e:
-            raise ConfigError(f"--out {out}: cannot write ({e.strerror or e})") from None
-        print(f"wrote {out} and {out.name}.json (test-time views: {module.hparams.tta if args.tta is None else args.tta})")
-        print(
-            f"check on {where}: max |logit difference| {check['max_abs_logit_diff']:.2e} (limit 1e-4), "
-            f"same top-1 on {check['same_top1']}/{check['images']}"
-        )
+        export_command(args.checkpoint, args.format, args.out, args.overwrite, args.tta, args.data_dir, args.check_images,
+                       args.random_check, args.calibrate, args.download)  # fmt: skip
         return 0
 
-    return _guarded("cifar-export", body)
+    return exit_status("cifar-export", body)
 
 
 # ----------------------------------------------------------------------------- predict
@@ -295,23 +264,11 @@ def predict_main(argv: list[str] | None = None) -> int:
     args = predict_parser().parse_args(argv)
 
     def body() -> int:
-        from cifar_lightning.inference import device_for, expand_inputs, load_classifier, predict_files
+        from cifar_lightning.inference import predict_command  # torch loads only now
 
-        clf = load_classifier(args.model, device=device_for(args.accelerator), calibrate=args.calibrate)
-        files = expand_inputs(args.paths)
-        if not files:
-            raise ConfigError("no image files found in the given paths")
-        results = predict_files(clf, files, args.top_k, args.batch_size)
-        if args.json:
-            print(json.dumps(results, indent=2, allow_nan=False))
-        for r in results if not args.json else []:
-            if "error" in r:
-                print(f"error: {r['error']}", file=sys.stderr)
-                continue
-            print(r["path"] + "".join(f"\n  {t['class']:<12} {t['probability']:.4f}" for t in r["top_k"]))
-        return 0 if all("top_k" in r for r in results) else 1
+        return predict_command(args.model, args.paths, args.top_k, args.json, args.batch_size, args.accelerator, args.calibrate)
 
-    return _guarded("cifar-predict", body)
+    return exit_status("cifar-predict", body)
 
 
 # ----------------------------------------------------------------------------- serve
@@ -338,73 +295,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     args = serve_parser().parse_args(argv)
 
     def body() -> int:
-        if not (0 <= args.port <= 65535 and 0 <= args.batch_timeout < 60 and 0 < args.max_upload_mb <= 1024):
-            raise ConfigError("--port, --batch-timeout or --max-upload-mb out of range")
-        from cifar_lightning.serve import build_server
+        from cifar_lightning.serve import serve_command  # torch and LitServe load only now
 
-        server = build_server(args.model, args.max_batch_size, args.batch_timeout, args.workers, args.accelerator, args.top_k,
-                              args.max_upload_mb, args.calibrate)  # fmt: skip
-        import signal
-
-        main_pid = os.getpid()
-
-        def stop(signum: int, frame: object) -> None:
-            if os.getpid() != main_pid:  # a forked LitServe process: die as SIGTERM means
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
-            raise KeyboardInterrupt  # LitServe's own shutdown path: it stops its workers too
-
-        signal.signal(signal.SIGTERM, stop)
-        print(f"cifar-serve: {args.model} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-        try:
-            server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
-        except KeyboardInterrupt:
-            pass
+        serve_command(args.model, args.host, args.port, args.max_batch_size, args.batch_timeout, args.workers, args.accelerator,
+                      args.top_k, args.max_upload_mb, args.calibrate)  # fmt: skip
         return 0
 
-    return _guarded("cifar-serve", body)
-
-
-# ----------------------------------------------------------------------------- errors -> exit statuses
-
-
-def _new_file(path: str, overwrite: bool) -> Path:
-    """An output file that may be written: a user's earlier result is replaced only when asked."""
-    out = Path(path)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"--out {out}: exists; pass --overwrite or choose another path")
-    return out
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """UserError, and Lightning's own configuration error when Lightning was loaded at all."""
-    lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
-    return (UserError, *([lightning_errors.MisconfigurationException] if lightning_errors else []))
-
-
-def _fail(prog: str, message: str, code: int) -> int:
-    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
-    return code
-
-
-def _guarded(prog: str, body: Callable[[], int]) -> int:
-    """Run body(); user errors become one line and exit 2, anything else one line and exit 1."""
-    try:
-        return body()
-    except RunInterruptedError as e:
-        return _fail(prog, str(e), e.code)
-    except TrainingFailedError as e:
-        return _fail(prog, str(e), 1)
-    except KeyboardInterrupt:
-        return _fail(prog, "interrupted", 130)
-    except Exception as e:
-        if isinstance(e, _user_errors()):
-            return _fail(prog, str(e), 2)
-        if isinstance(e, OSError):
-            # A full disk, an unwritable folder: say which file; files are written atomically,
-            # so the ones already there are intact.
-            where = f" {e.filename}" if e.filename else ""
-            return _fail(prog, f"cannot write or read{where}: {e.strerror or e} (files written before are intact)", 1)
-        if os.environ.get("CIFAR_LIGHTNING_DEBUG"):
-            raise
-        return _fail(prog, f"{type(e).__name__}: {e} (set CIFAR_LIGHTNING_DEBUG=1 for a traceback)", 1)
+    return exit_status("cifar-serve", body)

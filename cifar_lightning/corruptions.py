@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 #: name -> the parameter of each severity, mildest first (JPEG: four qualities).
 SEVERITIES: dict[str, tuple[float, ...]] = {
@@ -34,8 +35,6 @@ CORRUPTIONS = tuple(SEVERITIES)
 
 
 def jpeg(images: torch.Tensor, quality: float) -> torch.Tensor:
-    from PIL import Image
-
     out = np.empty_like(images.numpy())
     for i, im in enumerate(images.permute(0, 2, 3, 1).numpy()):
         buf = io.BytesIO()

@@ -19,12 +19,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from cifar_lightning.checkpoint import atomic_write
+from cifar_lightning.augment import BatchAugment, alternating_flip
 from cifar_lightning.errors import DataError, ImageError
+from cifar_lightning.fileio import atomic_write
 from cifar_lightning.images import CLASSES, IMAGE_SIZE, IMAGE_SUFFIXES, is_image_file, load_image, normalize
-from cifar_lightning.recipes import DATA_SOURCES
+from cifar_lightning.recipes import DATA_SOURCES, TrainConfig, check_values
 
 SOURCES = DATA_SOURCES
 # 2: image files decode by the one policy of images.py (centre crop + Lanczos, not a squash).
@@ -305,6 +307,14 @@ def seeded_split(n: int, val_size: int, seed: int, calib_size: int = 0) -> tuple
     return perm[val_size + calib_size :], perm[:val_size], perm[val_size : val_size + calib_size]
 
 
+def load_splits(data_dir: str | Path, download: bool = True, source: str = "auto") -> dict[str, Images]:
+    """The train and test splits of a data dir, decoded (through the cache), unsplit: what a
+    command that only reads images (export's check, show-data, benchmarks) needs."""
+    dm = CIFAR10DataModule(data_dir=str(data_dir), download=download, source=source)
+    dm.prepare_data()
+    return dm.load()
+
+
 # ----------------------------------------------------------------------------- data module
 
 
@@ -334,14 +344,10 @@ class CIFAR10DataModule(L.LightningDataModule):
         alternate_flip: bool = False,
     ) -> None:
         super().__init__()
-        from cifar_lightning.augment import BatchAugment
-
-        if source not in SOURCES:
-            raise DataError(f"unknown data source {source!r}; choose from {', '.join(SOURCES)}")
-        if batch_size < 1:
-            raise DataError(f"--batch-size must be >= 1, got {batch_size}")
-        if limit_train_images is not None and limit_train_images < 1:
-            raise DataError(f"--limit-train-images must be >= 1, got {limit_train_images}")
+        # The recipe owns the bounds: a data module built by hand (not from_config) is held to the same.
+        check_values({"batch_size": batch_size, "val_size": val_size, "split_seed": split_seed, "augment": augment,
+                      "limit_train_images": limit_train_images, "data_source": source, "num_workers": num_workers,
+                      "seed": shuffle_seed})  # fmt: skip
         self.save_hyperparameters()
         self.data_dir = Path(data_dir).expanduser()
         self.batch_size = batch_size
@@ -360,6 +366,16 @@ class CIFAR10DataModule(L.LightningDataModule):
         self._train_loader: ResumableLoader | None = None
         #: alternate_flip: the images mirrored in even epochs (odd epochs mirror the others)
         self.flip_base: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> CIFAR10DataModule:
+        """The data module a recipe asks for (its values were checked by the recipe)."""
+        return cls(
+            data_dir=cfg.data_dir, batch_size=cfg.batch_size, val_size=cfg.val_size, split_seed=cfg.split_seed,
+            limit_train_images=cfg.limit_train_images, augment=cfg.augment, augment_options=cfg.augment_options(),
+            source=cfg.data_source, num_workers=cfg.num_workers, download=cfg.download, shuffle_seed=cfg.seed,
+            calib_size=cfg.held_out_for_calibration(), alternate_flip=cfg.alternate_flip,
+        )  # fmt: skip
 
     @property
     def source(self) -> str:
@@ -426,8 +442,6 @@ class CIFAR10DataModule(L.LightningDataModule):
             # Lightning's default DistributedSampler pads the last shard with repeated images,
             # which would count some images twice in val/test metrics: give each process a
             # disjoint share of every image, exactly once (shares may differ by one).
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
             sampler = UnrepeatedDistributedSampler(ds, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
         return self._loader(ds, self.eval_batch_size, shuffle=False, sampler=sampler)
 
@@ -450,8 +464,6 @@ class CIFAR10DataModule(L.LightningDataModule):
             self._train_loader.batches_trained += 1
             self._train_loader.epoch = epoch
         if training and index and self.flip_base is not None:
-            from cifar_lightning.augment import alternating_flip
-
             images = alternating_flip(images, index[0], self.flip_base, epoch)
         if training and self.augmenter.active:
             images = self.augmenter(images)

@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 
+from cifar_lightning import corruptions as corruption
 from cifar_lightning import report
-from cifar_lightning.checkpoint import atomic_dir, claim_free_dir, refuse_overlap, run_dir_of, sha256_of
+from cifar_lightning.calibration import ece
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.errors import ConfigError, DataError
-from cifar_lightning.inference import Classifier, load_classifier
-from cifar_lightning.recipes import saved_run_config
+from cifar_lightning.fileio import atomic_dir, claim_free_dir, refuse_overlap, sha256_of
+from cifar_lightning.inference import Classifier, device_for, load_classifier
+from cifar_lightning.runs import recorded_data_dir, run_dir_of, saved_run_config
 
 
 def source_checkpoint(model_path: Path, clf: Classifier) -> Path:
@@ -49,31 +51,27 @@ def report_dir(model_path: Path, run_dir: Path | None, out: str | None, overwrit
 
 def corruption_names(spec: str | None) -> list[str]:
     """--corruptions all | a comma-separated list of names -> the names (ConfigError if unknown)."""
-    from cifar_lightning.corruptions import CORRUPTIONS
-
     if not spec:
         return []
-    names = list(CORRUPTIONS) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CORRUPTIONS]
+    known = corruption.CORRUPTIONS
+    names = list(known) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise ConfigError(f"--corruptions {spec!r}: choose all or from {', '.join(CORRUPTIONS)}")
+        raise ConfigError(f"--corruptions {spec[:80]!r}: choose all or from {', '.join(known)}")
     return list(dict.fromkeys(names))
 
 
 def score_corruptions(clf: Classifier, images: torch.Tensor, labels: torch.Tensor, seed: int = 0, batch_size: int = 500,
                       names: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
     """Accuracy and ECE on every corrupted copy of the images (``corruptions.SEVERITIES``)."""
-    from cifar_lightning import corruptions
-    from cifar_lightning.calibration import ece
-
     results: dict[str, list[dict[str, Any]]] = {}
-    for name, severity in corruptions.all_levels():
+    for name, severity in corruption.all_levels():
         if names is not None and name not in names:
             continue
         t0 = time.perf_counter()
-        probs = clf.probabilities(corruptions.corrupt(images, name, severity, seed), batch_size)
+        probs = clf.probabilities(corruption.corrupt(images, name, severity, seed), batch_size)
         row = {
-            "severity": severity, "label": corruptions.severity_label(name, severity),
+            "severity": severity, "label": corruption.severity_label(name, severity),
             "accuracy": float((probs.argmax(1) == labels).float().mean()), "ece": ece(probs, labels),
         }  # fmt: skip
         results.setdefault(name, []).append(row)
@@ -96,10 +94,7 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     run_dir = run_dir_of(source) if run_cfg else None
     if split == "val" and not run_cfg:
         raise ConfigError(f"--split val: {model_path} does not lead to its training run (config.yaml), so its validation split is unknown")
-    if not data_dir and run_cfg.get("data_dir") and not Path(run_cfg["data_dir"]).is_dir():
-        # Never download into (and leave behind) a folder the run merely recorded.
-        raise DataError(f"the run's data dir {run_cfg['data_dir']} is gone; pass --data-dir")
-    data_dir = data_dir or run_cfg.get("data_dir") or "data"
+    data_dir = recorded_data_dir(source, data_dir) or "data"
     if out:
         refuse_overlap(Path(out), {"model file": model_path, "source checkpoint": source, "training run": run_dir,
                                    "data dir": Path(data_dir)}, inside={"data dir": Path(data_dir)})  # fmt: skip
@@ -120,8 +115,7 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
 
     logits = clf.logits(ds.images, batch_size)
     probs = clf.to_probabilities(logits)
-    # The same predictions before the temperature: logits times T undoes the division.
-    raw_probs = (logits * clf.temperature).softmax(-1) if clf.calibrated else None
+    raw_probs = clf.to_probabilities(logits, calibrated=False) if clf.calibrated else None  # the same predictions, T = 1
     scored = score_corruptions(clf, ds.images, ds.labels, seed, batch_size, names) if names else None
     meta = {
         "model": clf.info.get("model"),
@@ -144,3 +138,13 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     except OSError as e:
         raise ConfigError(f"--out {target}: cannot write the report ({e.strerror or e})") from None
     return target, metrics
+
+
+def evaluate_command(model: str, data_dir: str | None = None, split: str = "test", out: str | None = None, overwrite: bool = False,
+                     accelerator: str = "auto", batch_size: int = 500, grid: int = 25, download: bool = True,
+                     calibrate: bool = True, corruptions: str | None = None, seed: int = 0) -> None:  # fmt: skip
+    """cifar-evaluate: evaluate, then print the table and where the report is."""
+    target, metrics = evaluate(model, data_dir, split, out, overwrite, device_for(accelerator), batch_size, grid, download,
+                               calibrate=calibrate, corruptions=corruptions, seed=seed)  # fmt: skip
+    print(report.format_table(metrics))
+    print(f"\nreport: {target / 'report.md'}")

@@ -10,7 +10,8 @@ never unpickles anything.
 
     cifar-export lightning_logs/version_0/checkpoints/last.ckpt --format onnx --out model.onnx
 
-torch is imported inside the functions, so ``cifar-export --help`` stays fast.
+Only exports bake the temperature into a graph (``Tempered``); everywhere else
+``inference.Classifier`` applies it.
 """
 
 from __future__ import annotations
@@ -18,17 +19,22 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from cifar_lightning.checkpoint import SIDECAR_FORMAT, atomic_write, atomic_write_text, run_dir_of, sha256_of, sidecar_path
-from cifar_lightning.errors import ExportError
+import torch
+from safetensors.torch import save_file
 
-if TYPE_CHECKING:
-    import torch
+from cifar_lightning import models
+from cifar_lightning.calibration import apply_temperature
+from cifar_lightning.data import load_splits
+from cifar_lightning.errors import ConfigError, DataError, ExportError
+from cifar_lightning.fileio import atomic_write, atomic_write_text, new_file, refuse_overlap, sha256_of
+from cifar_lightning.images import IMAGE_SIZE, MEAN, STD, normalize
+from cifar_lightning.inference import OnnxNetwork, network_from_safetensors
+from cifar_lightning.module import ImageClassifier
+from cifar_lightning.recipes import EXPORT_FORMATS as FORMATS
+from cifar_lightning.runs import SIDECAR_FORMAT, known_test_accuracy, recorded_data_dir, sidecar_path
 
-    from cifar_lightning.module import ImageClassifier
-
-FORMATS = ("safetensors", "onnx", "torchscript")
 SUFFIXES = {"safetensors": (".safetensors",), "onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript")}
 MODEL_SUFFIXES = {".ckpt", ".pth", ".json", *(s for ss in SUFFIXES.values() for s in ss)}
 
@@ -43,21 +49,18 @@ def export_path(out: Path, fmt: str) -> Path:
     return out.with_name(out.name + SUFFIXES[fmt][0])
 
 
-def known_test_accuracy(ckpt_path: Path) -> float | None:
-    """The run's test accuracy from results.json, when this checkpoint is the one it tested."""
-    run = run_dir_of(ckpt_path)
-    try:
-        r = json.loads((run / "results.json").read_text()) if run else {}
-        if Path(r["best_checkpoint"]).name == ckpt_path.name:
-            return float(r["test_acc"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+class Tempered(torch.nn.Module):
+    """A network whose logits are divided by a temperature: the graph an export bakes T into."""
+
+    def __init__(self, net: torch.nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.net, self.temperature = net, float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_temperature(self.net(x), self.temperature)
 
 
 def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int, calibrate: bool = True) -> dict[str, Any]:
-    from cifar_lightning.images import IMAGE_SIZE, MEAN, STD
-
     hp = module.hparams
     # The run's test accuracy was measured with the checkpoint's own views: it describes this
     # export only when the export keeps them (cifar-evaluate measures any export directly).
@@ -95,21 +98,16 @@ def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_
     network (with the same test-time views) on ``check_images`` (normalised floats). Returns
     the check's figures. ``tta`` defaults to the checkpoint's own level; ``calibrate=False``
     leaves the temperature out of a graph (it is still recorded in the sidecar)."""
-    import torch
-
-    from cifar_lightning import models
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
     level = module.hparams.tta if tta is None else tta
     net = module.net.eval().to(memory_format=torch.contiguous_format)
     meta = metadata(module, ckpt_path, fmt, level, calibrate)
     in_graph = module.temperature if meta["temperature_in_graph"] else 1.0
-    reference = models.with_tta(net, level, in_graph).eval()
+    reference = models.with_tta(net, level)
+    reference = (Tempered(reference, in_graph) if in_graph != 1.0 else reference).eval()
     example = check_images[:2].contiguous()
     if fmt == "safetensors":
-        from safetensors.torch import save_file
-
         tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
         write = lambda p: save_file(tensors, str(p), metadata={"format": "pt"})  # noqa: E731
     elif fmt == "onnx":
@@ -125,16 +123,12 @@ def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_
 def _write_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """Traced (the networks have no data-dependent control flow). TorchScript is deprecated in
     torch 2.14 in favour of torch.export, but still what C++/mobile deployments load."""
-    import torch
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
         torch.jit.save(torch.jit.trace(net, example), str(path))
 
 
 def _write_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    import torch
-
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.onnx.export(
         net, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
@@ -145,20 +139,16 @@ def _write_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None
 
 def verify(path: Path, fmt: str, meta: dict, reference: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
     """Max |logit difference| and top-1 agreement between the written file and the network."""
-    import torch
-
-    from cifar_lightning import inference, models
-
     with torch.inference_mode():
         expected = reference(images)
         if fmt == "onnx":
-            got = inference.OnnxNetwork(path)(images)
+            got = OnnxNetwork(path)(images)
         elif fmt == "torchscript":
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
                 got = torch.jit.load(str(path), map_location="cpu")(images)
         else:
-            got = models.with_tta(inference.network_from_safetensors(path, meta), meta["tta"])(images)  # raw logits
+            got = models.with_tta(network_from_safetensors(path, meta), meta["tta"])(images)  # raw logits
     return _compare(expected, got)
 
 
@@ -177,28 +167,38 @@ def check_images(ckpt_path: Path, data_dir: str | None, n: int, download: bool, 
     """Normalised real test images for the export check, and where they came from. Without a
     usable data dir the check never degrades silently: it refuses, unless ``random_ok`` asks
     for seeded random images (which prove the numerics, not the accuracy)."""
-    import torch
-
-    from cifar_lightning.data import CIFAR10DataModule
-    from cifar_lightning.errors import DataError
-    from cifar_lightning.images import normalize
-    from cifar_lightning.recipes import saved_run_config
-
-    recorded = saved_run_config(ckpt_path).get("data_dir")
     problem = "the checkpoint's run records no data dir"
-    if not data_dir and recorded and not Path(recorded).is_dir():
-        problem, recorded = f"the run's data dir {recorded} is gone", None  # never download into it
-    data_dir = data_dir or recorded
-    if data_dir:
-        try:
-            dm = CIFAR10DataModule(data_dir=data_dir, download=download)
-            dm.prepare_data()
-            test = dm.load()["test"]
+    try:
+        data_dir = recorded_data_dir(ckpt_path, data_dir)
+        if data_dir:
+            test = load_splits(data_dir, download=download)["test"]
             idx = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(0))[:n]
             return normalize(test.images[idx]), f"{len(idx)} test images of {data_dir}"
-        except DataError as e:
-            problem = str(e)
+    except DataError as e:
+        problem = str(e)
     if not random_ok:
         raise ExportError(f"no test images to check the export on ({problem}); pass --data-dir, or --random-check for random images")
     g = torch.Generator().manual_seed(0)
     return normalize(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)), f"{n} seeded random images (numerics only)"
+
+
+def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite: bool = False, tta: int | None = None,
+                   data_dir: str | None = None, n_check: int = 256, random_check: bool = False, calibrate: bool = True,
+                   download: bool = True) -> None:  # fmt: skip
+    """cifar-export: refuse an --out over the checkpoint, export, check, and say what it wrote."""
+    ckpt_path = Path(checkpoint)
+    module = ImageClassifier.from_checkpoint(ckpt_path)
+    target = export_path(Path(out), fmt)
+    refuse_overlap(target, {"checkpoint": ckpt_path})
+    refuse_overlap(sidecar_path(target), {"checkpoint": ckpt_path})
+    target = new_file(target, overwrite)
+    images, where = check_images(ckpt_path, data_dir, n_check, download, random_check)
+    try:
+        check = export(module, ckpt_path, fmt, target, images, tta=tta, calibrate=calibrate)
+    except OSError as e:
+        raise ConfigError(f"--out {target}: cannot write ({e.strerror or e})") from None
+    print(f"wrote {target} and {target.name}.json (test-time views: {module.hparams.tta if tta is None else tta})")
+    print(
+        f"check on {where}: max |logit difference| {check['max_abs_logit_diff']:.2e} (limit 1e-4), "
+        f"same top-1 on {check['same_top1']}/{check['images']}"
+    )

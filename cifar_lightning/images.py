@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifar_lightning.errors import ImageError, ImageTooLargeError, NotAnImageError
 
@@ -57,8 +58,6 @@ def is_image_file(path: Path) -> bool:
 
 def to_rgb32(image: Any) -> np.ndarray:
     """A PIL image -> (32, 32, 3) uint8 RGB, by the policy in the module docstring."""
-    from PIL import Image, ImageOps
-
     im = ImageOps.exif_transpose(image)
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit int) grayscale
         arr = np.asarray(im, dtype=np.float64)
@@ -85,8 +84,6 @@ def decode(source: str | Path | BinaryIO, name: str) -> np.ndarray:
     Memory stays bounded: a JPEG is decoded at the smallest of its 1/2, 1/4, 1/8 scales that
     still holds 4x the output size (``draft``), and any image declaring more than MAX_PIXELS
     after that is refused (ImageTooLargeError) before decoding."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(source) as im:
             if im.format == "JPEG":

@@ -3,8 +3,10 @@ probabilities, with the model's test-time augmentation. ``cifar-evaluate``, ``ci
 and ``load_classifier`` all go through ``Classifier.probabilities``, so a checkpoint and its
 exports classify the same images the same way and score the same accuracy.
 
-Images are decoded by the one policy of ``images.to_rgb32``. Loading an ONNX export imports
-torch and onnxruntime, never Lightning; nothing here unpickles anything but plain weights.
+Images are decoded by the one policy of ``images.to_rgb32``. The temperature is applied here,
+once, to the network's logits (``Classifier.to_probabilities``); only exported graphs carry it
+inside. Loading any model file imports torch (and onnxruntime for ONNX), never Lightning;
+nothing here unpickles anything but plain weights.
 
     from cifar_lightning import load_classifier
     clf = load_classifier("model.safetensors")
@@ -15,17 +17,30 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from cifar_lightning.checkpoint import SIDECAR_FORMAT, sidecar_path
-from cifar_lightning.errors import CheckpointError, ImageError, ModelError
+from cifar_lightning import models
+from cifar_lightning.calibration import apply_temperature, temperature_of, usable_temperature
+from cifar_lightning.checkpoint import (
+    load_checkpoint,
+    network_from_checkpoint,
+    network_spec_problem,
+    non_finite_tensor,
+    state_dict_mismatch,
+)
+from cifar_lightning.errors import CheckpointError, ConfigError, ImageError, ModelError
 from cifar_lightning.images import CLASSES, IMAGE_SIZE, MEAN, STD, is_image_file, load_image, normalize, to_rgb32
 from cifar_lightning.recipes import TTA_LEVELS
+from cifar_lightning.runs import SIDECAR_FORMAT, sidecar_path
 
 MODEL_SUFFIXES = (".ckpt", ".safetensors", ".onnx")
 
@@ -35,8 +50,6 @@ MODEL_SUFFIXES = (".ckpt", ".safetensors", ".onnx")
 
 def as_uint8_batch(images: Sequence[Any] | np.ndarray | torch.Tensor) -> torch.Tensor:
     """PIL images, paths or uint8 arrays (HWC, or a NHWC/NCHW batch) -> uint8 (N, 3, 32, 32)."""
-    from PIL import Image
-
     if isinstance(images, (np.ndarray, torch.Tensor)) and np.ndim(images) == 4:
         images = list(images)
     elif not isinstance(images, (list, tuple)):
@@ -66,19 +79,12 @@ def as_uint8_batch(images: Sequence[Any] | np.ndarray | torch.Tensor) -> torch.T
 
 def network_from_safetensors(path: Path, meta: dict) -> torch.nn.Module:
     """Rebuild the registered network named in the sidecar and load the safetensors weights."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from cifar_lightning import models
-
     if meta.get("model") not in models.MODELS:
         raise ModelError(f"{path}: exported network {meta.get('model')!r} is not one this version knows")
     try:
         weights = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
-    from cifar_lightning.checkpoint import non_finite_tensor
-
     bad = non_finite_tensor(weights)
     if bad:
         raise ModelError(f"{path}: refused: weight {bad} holds NaN or infinite values")
@@ -86,8 +92,6 @@ def network_from_safetensors(path: Path, meta: dict) -> torch.nn.Module:
         net = models.build(meta["model"], **meta.get("model_args", {}))
         net.load_state_dict(weights)
     except (RuntimeError, TypeError, ValueError) as e:
-        from cifar_lightning.checkpoint import state_dict_mismatch
-
         raise ModelError(f"{path}: weights do not fit network {meta['model']!r} ({state_dict_mismatch(e)})") from None
     return net.eval()
 
@@ -96,7 +100,7 @@ class OnnxNetwork:
     """An ONNX file behind the same call as a torch network: normalised floats -> logits."""
 
     def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # here, not at the top: only ONNX files need it (0.3 s to import)
 
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -144,9 +148,6 @@ def read_sidecar(model_path: Path, required: bool) -> dict:
 
 def check_metadata(meta: dict, where: Path | str) -> None:
     """Export metadata is input like any other: wrong types or values give one ModelError."""
-    from cifar_lightning.calibration import usable_temperature
-    from cifar_lightning.checkpoint import network_spec_problem
-
     problem = network_spec_problem(meta.get("model"), meta.get("model_args", {}), meta.get("class_names"))
     for key, positive in (("mean", False), ("std", True)):
         v = meta.get(key)
@@ -168,12 +169,15 @@ def check_metadata(meta: dict, where: Path | str) -> None:
 
 class Classifier:
     """A loaded model of any supported kind. ``network`` maps normalised images to logits with
-    the model's test-time augmentation already inside it (``tta`` says which views), divided by
-    ``temperature`` (1.0: raw logits; the model's own is ``info["temperature"]``)."""
+    the model's test-time augmentation already inside it (``tta`` says which views). The
+    temperature is applied here, to those logits, and nowhere else: ``temperature`` is the T
+    probabilities are calibrated with (1.0: raw; the model's fitted one is ``info["temperature"]``).
+    ``graph_temperature`` is what an exported graph already divides by (an ONNX export with T
+    built in; 1.0 for every other network)."""
 
     def __init__(self, network: Any, class_names: Sequence[str], mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
                  device: str = "cpu", source: str = "", tta: int = 0, info: dict | None = None,
-                 temperature: float = 1.0) -> None:  # fmt: skip
+                 temperature: float = 1.0, graph_temperature: float = 1.0) -> None:  # fmt: skip
         self.network = network
         self.class_names = list(class_names)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -182,15 +186,16 @@ class Classifier:
         self.tta = tta
         #: what the model file records: model name, its test accuracy, the source checkpoint...
         self.info = info or {}
-        #: the temperature the logits are divided by (raw logits = logits * temperature)
         self.temperature = float(temperature)
+        self.graph_temperature = float(graph_temperature)
 
     @property
     def calibrated(self) -> bool:
         return self.temperature != 1.0
 
     def logits(self, batch: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """uint8 (N, 3, 32, 32) -> logits (N, C), in batches."""
+        """uint8 (N, 3, 32, 32) -> the network's logits (N, C), in batches (no temperature
+        applied here, beyond what an exported graph has inside)."""
         out = []
         with torch.inference_mode():
             for i in range(0, len(batch), batch_size):
@@ -204,9 +209,11 @@ class Classifier:
         """uint8 (N, 3, 32, 32) -> softmax probabilities (N, C); never NaN or infinite."""
         return self.to_probabilities(self.logits(batch, batch_size))
 
-    def to_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax of logits from ``logits``; a ModelError when the model gave NaN or infinity."""
-        probs = logits.softmax(-1)
+    def to_probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        """Softmax of logits from ``logits``, with the temperature (``calibrated=False``: the raw
+        probabilities, T = 1); a ModelError when the model gave NaN or infinity."""
+        t = self.temperature if calibrated else 1.0
+        probs = apply_temperature(logits, t / self.graph_temperature).softmax(-1)
         if not bool(torch.isfinite(probs).all()):
             raise ModelError(f"{self.source}: the model gives NaN or infinite scores on these images")
         return probs
@@ -222,20 +229,6 @@ class Classifier:
                 for vs, ix in zip(values.tolist(), idx.tolist(), strict=True)]  # fmt: skip
 
 
-class Rescaled:
-    """A network's logits times a constant: undoes (or applies) a temperature that an ONNX
-    graph has, or lacks, built in."""
-
-    def __init__(self, network: Any, factor: float) -> None:
-        self.network, self.factor = network, float(factor)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x) * self.factor
-
-    def eval(self) -> Rescaled:
-        return self
-
-
 def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = None, calibrate: bool = True) -> Classifier:
     """A Lightning .ckpt (loaded weights-only), a .safetensors export (with its .json sidecar) or
     an .onnx export; ModelError with one clear line for anything else.
@@ -243,8 +236,6 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
     ``tta`` overrides the test-time augmentation of a checkpoint or safetensors export (an ONNX
     graph has its views built in). ``calibrate=False`` gives the raw, uncalibrated probabilities
     instead of those with the model's fitted temperature."""
-    from cifar_lightning import models
-
     path = Path(path)
     if path.is_dir():
         raise ModelError(f"{path}: is a folder, not a model file")
@@ -255,7 +246,7 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
         meta = read_sidecar(path, required=True)
         level = meta.get("tta", 0) if tta is None else tta
         t = float(meta.get("temperature") or 1.0) if calibrate else 1.0
-        net = models.with_tta(network_from_safetensors(path, meta), level, t).to(device)
+        net = models.with_tta(network_from_safetensors(path, meta), level).to(device)
         names = _class_names(meta, path)
         return Classifier(net, names, meta.get("mean") or MEAN, meta.get("std") or STD, device, str(path), level, meta, t)
     if suffix == ".onnx":
@@ -273,23 +264,21 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
         fitted = float(meta.get("temperature") or 1.0)
         in_graph = fitted if meta.get("temperature_in_graph") else 1.0
         t = fitted if calibrate else 1.0
-        if in_graph != t:
-            net = Rescaled(net, in_graph / t)
-        return Classifier(net, names, meta.get("mean") or MEAN, meta.get("std") or STD, "cpu", str(path), meta.get("tta", 0), meta, t)
+        return Classifier(net, names, meta.get("mean") or MEAN, meta.get("std") or STD, "cpu", str(path), meta.get("tta", 0), meta,
+                          t, graph_temperature=in_graph)  # fmt: skip
     if suffix in (".ckpt", ".pt", ".pth"):
-        from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
-
         try:
-            module = classifier_from_checkpoint(load_checkpoint(path), path)
+            ckpt = load_checkpoint(path)
+            network = network_from_checkpoint(ckpt, path)
         except CheckpointError as e:
             raise ModelError(str(e)) from None
-        hp = module.hparams
-        level = hp.tta if tta is None else tta
-        fitted = module.temperature  # checked on loading
+        hp = ckpt["hyper_parameters"]
+        level = hp.get("tta", 0) if tta is None else tta
+        fitted = temperature_of(ckpt.get("calibration"), path)  # checked on loading
         t = fitted if calibrate else 1.0
-        net = models.with_tta(module.net.eval(), level, t).to(device)
-        names = list(hp.class_names or CLASSES)
-        info = {"model": hp.model, "tta": level, "class_names": names, "temperature": fitted if module.calibration else None}
+        net = models.with_tta(network, level).to(device)
+        names = list(hp.get("class_names") or CLASSES)
+        info = {"model": hp["model"], "tta": level, "class_names": names, "temperature": fitted if ckpt.get("calibration") else None}
         return Classifier(net, names, MEAN, STD, device, str(path), level, info, t)
     raise ModelError(f"{path}: unknown model kind {suffix or '(no suffix)'!r}; expected .ckpt, .safetensors or .onnx")
 
@@ -351,9 +340,8 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def device_for(accelerator: str) -> str:
-    """The torch device for a Lightning-style accelerator name; an unavailable one is an error."""
-    from cifar_lightning.errors import ConfigError
-
+    """The torch device for a Lightning-style accelerator name; an unavailable one is an error.
+    The one such check: training, evaluation, prediction and serving all ask here."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if accelerator in ("gpu", "cuda"):
         if not cuda:
@@ -366,3 +354,22 @@ def device_for(accelerator: str) -> str:
     if accelerator == "auto":
         return "cuda" if cuda else "mps" if mps else "cpu"
     return "cpu"
+
+
+def predict_command(model: str | Path, paths: Sequence[str | Path], top_k: int = 3, as_json: bool = False, batch_size: int = 256,
+                    accelerator: str = "cpu", calibrate: bool = True) -> int:  # fmt: skip
+    """cifar-predict: print each file's top classes (or one JSON list). Returns the exit status:
+    0 when every input was predicted, 1 when some were not images (the others still are)."""
+    clf = load_classifier(model, device=device_for(accelerator), calibrate=calibrate)
+    files = expand_inputs(paths)
+    if not files:
+        raise ConfigError("no image files found in the given paths")
+    results = predict_files(clf, files, top_k, batch_size)
+    if as_json:
+        print(json.dumps(results, indent=2, allow_nan=False))
+    for r in results if not as_json else []:
+        if "error" in r:
+            print(f"error: {r['error']}", file=sys.stderr)
+            continue
+        print(r["path"] + "".join(f"\n  {t['class']:<12} {t['probability']:.4f}" for t in r["top_k"]))
+    return 0 if all("top_k" in r for r in results) else 1

@@ -209,19 +209,18 @@ def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 
 class WithTTA(nn.Module):
-    """A network whose forward averages its test-time views and divides by its calibration
-    temperature: what exports carry, so an exported model classifies exactly as the checkpoint
-    did in training's test and in cifar-evaluate, with the same probabilities."""
+    """A network whose forward averages its test-time views: what every inference path runs and
+    exports carry, so an exported model classifies exactly as the checkpoint did in training's
+    test and in cifar-evaluate."""
 
-    def __init__(self, net: nn.Module, level: int, temperature: float = 1.0) -> None:
+    def __init__(self, net: nn.Module, level: int) -> None:
         super().__init__()
-        self.net, self.level, self.temperature = net, int(level), float(temperature)
+        self.net, self.level = net, int(level)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = tta_logits(self.net, x, self.level)
-        return logits / self.temperature if self.temperature != 1.0 else logits
+        return tta_logits(self.net, x, self.level)
 
 
-def with_tta(net: nn.Module, level: int, temperature: float = 1.0) -> nn.Module:
-    """``net`` with its test-time views and temperature (``net`` itself when it needs neither)."""
-    return WithTTA(net, level, temperature) if level or temperature != 1.0 else net
+def with_tta(net: nn.Module, level: int) -> nn.Module:
+    """``net`` with its test-time views (``net`` itself at level 0)."""
+    return WithTTA(net, level) if level else net

@@ -8,6 +8,7 @@ rebuilds its network from ``checkpoint["hyper_parameters"]`` alone and loads wit
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -15,10 +16,12 @@ import torch.nn.functional as F
 import torchmetrics
 
 from cifar_lightning import models
-from cifar_lightning.calibration import N_BINS
+from cifar_lightning.calibration import apply_temperature, ece_metric
+from cifar_lightning.checkpoint import check_spec, load_checkpoint, state_dict_mismatch
+from cifar_lightning.errors import CheckpointError, ConfigError
 from cifar_lightning.images import normalize
 from cifar_lightning.optim import MuonSGD
-from cifar_lightning.recipes import OPTIMIZERS, SCHEDULES, TTA_LEVELS
+from cifar_lightning.recipes import TrainConfig, check_values
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,14 +57,11 @@ class ImageClassifier(L.LightningModule):
         muon_momentum: float = 0.6,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown --optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown --schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
-        if tta not in TTA_LEVELS:
-            raise ValueError(f"--tta must be one of {TTA_LEVELS}, got {tta}")
-        if not lr > 0:
-            raise ValueError(f"--lr must be > 0, got {lr}")
+        # The recipe owns the bounds: a module built by hand (not from_config) is held to the same.
+        check_values({"lr": lr, "optimizer": optimizer, "weight_decay": weight_decay, "momentum": momentum,
+                      "schedule": schedule, "label_smoothing": label_smoothing, "norm_bias_lr_scale": norm_bias_lr_scale,
+                      "whiten_bias_epochs": whiten_bias_epochs, "warmup_fraction": warmup_fraction, "tta": tta,
+                      "muon_lr": muon_lr, "muon_momentum": muon_momentum})  # fmt: skip
         self.save_hyperparameters()
         self.net = models.build(model, num_classes=num_classes, **(model_args or {}))
         metric = torchmetrics.classification.MulticlassAccuracy
@@ -73,11 +73,36 @@ class ImageClassifier(L.LightningModule):
         self.val_loss = torchmetrics.MeanMetric()
         self.test_loss = torchmetrics.MeanMetric()
         # The test reports calibration both ways: with the fitted temperature and without it.
-        ece = torchmetrics.classification.MulticlassCalibrationError
-        self.test_ece = ece(num_classes, n_bins=N_BINS, norm="l1")
-        self.test_ece_raw = ece(num_classes, n_bins=N_BINS, norm="l1")
+        self.test_ece = ece_metric(num_classes)
+        self.test_ece_raw = ece_metric(num_classes)
         #: the fitted softmax temperature and its figures (``calibration.py``); None until fitted
         self.calibration: dict | None = None
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, classes: list[str]) -> ImageClassifier:
+        """The module a recipe asks for (its values were checked by the recipe)."""
+        return cls(
+            model=cfg.model, num_classes=len(classes), lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+            schedule=cfg.schedule, momentum=cfg.momentum, label_smoothing=cfg.label_smoothing, class_names=list(classes),
+            model_args=cfg.model_args(), norm_bias_lr_scale=cfg.norm_bias_lr_scale, warmup_fraction=cfg.warmup_fraction,
+            whiten_bias_epochs=cfg.whiten_bias_epochs, tta=cfg.tta, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
+        )  # fmt: skip
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, ckpt: dict | None = None) -> ImageClassifier:
+        """The module a checkpoint holds, loaded weights-only and checked (``checkpoint.check_spec``)
+        before anything is built; its fitted temperature rides along in ``calibration``."""
+        ckpt = load_checkpoint(path) if ckpt is None else ckpt
+        hp = check_spec(ckpt, path)
+        try:
+            module = cls(**hp)
+            module.load_state_dict(ckpt["state_dict"])
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: unusable hyper-parameters: {e}") from None
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: weights do not fit the network it names ({state_dict_mismatch(e)})") from None
+        module.calibration = ckpt.get("calibration")
+        return module
 
     @property
     def temperature(self) -> float:
@@ -154,7 +179,7 @@ class ImageClassifier(L.LightningModule):
             # model users take away, which every export and inference path runs in float32.
             with torch.autocast(x.device.type, enabled=False):
                 raw = self.tta_logits(x).float()
-            logits = raw / self.temperature
+            logits = apply_temperature(raw, self.temperature)
             self.test_ece_raw(raw.softmax(-1), y)
             self.test_ece(logits.softmax(-1), y)
             self.log("test_ece", self.test_ece)
@@ -178,10 +203,11 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return (self.tta_logits(x).float() / self.temperature).softmax(dim=-1)
+        return apply_temperature(self.tta_logits(x).float(), self.temperature).softmax(dim=-1)
 
     def total_steps(self) -> int:
-        """The run's optimiser steps, as ``trainer.estimated_stepping_batches`` counts them but
+        """The run's optimiser steps: the one count the schedule and ``callbacks.Lookahead`` use.
+        As ``trainer.estimated_stepping_batches`` counts them but
         without calling it here: that property builds the training loader before a resumed run
         restores the loader's position, which then never is (Lightning issue 20550), so a run
         resumed mid-epoch re-trained the epoch's first batches. From the data module's own

@@ -8,23 +8,24 @@ A value is resolved in this order, later wins:
 Presets are YAML files inside the package: read one, copy it, edit it, pass it back with
 ``--config``. ``cifar-train --print-config`` prints the resolved recipe in the same form.
 
-This module imports neither torch nor Lightning (``--help`` and ``--print-config`` stay fast);
-it owns the vocabulary of a recipe (the choice lists), which the modules that act on them import.
+Every value is checked here, once, by pydantic (strict: no ``"3"`` for 3, no ``true`` for 1),
+against the type and bounds written beside the field; an error is one line naming the flag.
+The constructors downstream trust what they get. This module imports neither torch nor
+Lightning (``--help`` and ``--print-config`` stay fast); it owns the vocabulary of a recipe
+(the choice lists), which the modules that act on them import.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-import math
-import os
-from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from cifar_lightning.errors import ConfigError
 
@@ -38,6 +39,7 @@ CALIBRATIONS = ("auto", "heldout", "val", "none")
 PRECISIONS = ("auto", "64-true", "64", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 DATA_SOURCES = ("auto", "imagefolder", "cifar10")
+EXPORT_FORMATS = ("safetensors", "onnx", "torchscript")
 # Defaults of --augment seed, chosen by refitting the 20-epoch seed model for 10 epochs on the
 # full data with each setting (docs/BENCHMARKS.md, "Choosing the --augment seed ranges"): shift
 # + flip helped most; zoom, rotation and brightness stay available: set a range to turn them on.
@@ -60,81 +62,128 @@ DEFAULT_PRESET = "94"
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
 
 
-def knob(default: Any, why: str, **check: Any) -> Any:
-    """A config field with its one-line why (shown in --help) and its checks: min, max (inclusive),
-    below (exclusive max), above (exclusive min), choices."""
-    return field(default=default, metadata={"why": why, **check})
+def knob(default: Any, why: str, **bounds: Any) -> Any:
+    """A config field with its one-line why (shown in --help) and its bounds (pydantic's ge, le,
+    gt, lt); floats must be finite."""
+    return Field(default, description=why, **bounds)
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(BaseModel):
     """Every knob of a training run. Saved as config.yaml beside the run's results."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     preset: str | None = knob(None, "the recipe these values start from")
     # model and optimisation
     model: str = knob("seed", "network from the registry: seed (the Keras notebook's) or fast (airbench-style)")
-    epochs: int = knob(20, "passes over the training images", min=1)
-    batch_size: int = knob(64, "images per optimiser step", min=1)
-    lr: float = knob(1e-3, "peak learning rate", above=0.0)
-    optimizer: str = knob("adam", "adam/adamw (the notebook's), Nesterov sgd (the fast recipe's), or muon: Muon on conv "
-                          "filters and Nesterov sgd on the rest", choices=OPTIMIZERS)
-    weight_decay: float = knob(0.0, "L2 (adam, sgd) or decoupled (adamw) decay", min=0.0)
-    schedule: str = knob("none", "per-step learning-rate schedule; triangle: warm-up then linear decay to 0", choices=SCHEDULES)
-    label_smoothing: float = knob(0.0, "softens the targets; the fast recipe's 0.2 generalises better", min=0.0, below=1.0)
-    momentum: float = knob(0.9, "SGD (Nesterov) momentum", min=0.0, below=1.0)
-    muon_lr: float = knob(0.24, "muon: peak learning rate of the conv filters (scale-free: filters are kept at norm sqrt(out))", above=0.0)
-    muon_momentum: float = knob(0.6, "muon: Nesterov momentum of the conv filters", min=0.0, below=1.0)
-    norm_bias_lr_scale: float = knob(1.0, "BatchNorm shifts learn this much faster (airbench: 64)", above=0.0)
-    warmup_fraction: float = knob(0.2, "triangle schedule: fraction of steps spent warming up", min=0.0, max=1.0)
-    whiten_bias_epochs: int = knob(0, "fast network: epochs its whitening bias trains before it is frozen", min=0)
+    epochs: int = knob(20, "passes over the training images", ge=1)
+    batch_size: int = knob(64, "images per optimiser step", ge=1)
+    lr: float = knob(1e-3, "peak learning rate", gt=0.0)
+    optimizer: Literal[OPTIMIZERS] = knob("adam", "adam/adamw (the notebook's), Nesterov sgd (the fast recipe's), or muon: Muon on conv "
+                          "filters and Nesterov sgd on the rest")
+    weight_decay: float = knob(0.0, "L2 (adam, sgd) or decoupled (adamw) decay", ge=0.0)
+    schedule: Literal[SCHEDULES] = knob("none", "per-step learning-rate schedule; triangle: warm-up then linear decay to 0")
+    label_smoothing: float = knob(0.0, "softens the targets; the fast recipe's 0.2 generalises better", ge=0.0, lt=1.0)
+    momentum: float = knob(0.9, "SGD (Nesterov) momentum", ge=0.0, lt=1.0)
+    muon_lr: float = knob(0.24, "muon: peak learning rate of the conv filters (scale-free: filters are kept at norm sqrt(out))", gt=0.0)
+    muon_momentum: float = knob(0.6, "muon: Nesterov momentum of the conv filters", ge=0.0, lt=1.0)
+    norm_bias_lr_scale: float = knob(1.0, "BatchNorm shifts learn this much faster (airbench: 64)", gt=0.0)
+    warmup_fraction: float = knob(0.2, "triangle schedule: fraction of steps spent warming up", ge=0.0, le=1.0)
+    whiten_bias_epochs: int = knob(0, "fast network: epochs its whitening bias trains before it is frozen", ge=0)
     widths: list[int] | None = knob(None, "fast network: channels of its three conv groups, e.g. 64,256,256")
-    depth: int = knob(2, "fast network: convolutions per group; 3 adds a residual pair to each (airbench96's)", choices=(2, 3))
-    tta: int = knob(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror+translate (kept by exports)", choices=TTA_LEVELS)
+    depth: Literal[(2, 3)] = knob(2, "fast network: convolutions per group; 3 adds a residual pair to each (airbench96's)")
+    tta: Literal[TTA_LEVELS] = knob(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror+translate (kept by exports)")
     lookahead: bool = knob(False, "lookahead weight averaging (airbench's)")
     # data
     data_dir: str = knob("data", "CIFAR-10 folder: an image-folder tree train|test/<class>/ or torchvision's")
-    data_source: str = knob("auto", "force the source kind", choices=DATA_SOURCES)
+    data_source: Literal[DATA_SOURCES] = knob("auto", "force the source kind")
     download: bool = knob(True, "download CIFAR-10 when data_dir has neither form")
-    val_size: int = knob(5000, "training images held out for validation (the test set chooses nothing)", min=0)
-    split_seed: int = knob(0, "seed of the fixed train/val split", min=0, max=MAX_SEED)
-    limit_train_images: int | None = knob(None, "train on the first N images of the split", min=1)
-    num_workers: int = knob(0, "DataLoader workers; the data is in memory, so 0 is fastest", min=0)
-    calibrate: str = knob("auto", "fit a softmax temperature after training on: heldout (calib_size training images kept "
-                          "out), val (the validation split), none; auto: val if there is one, else heldout", choices=CALIBRATIONS)
-    calib_size: int = knob(2000, "training images held out to fit the temperature (calibrate heldout; at most a tenth of them)", min=1)
+    val_size: int = knob(5000, "training images held out for validation (the test set chooses nothing)", ge=0)
+    split_seed: int = knob(0, "seed of the fixed train/val split", ge=0, le=MAX_SEED)
+    limit_train_images: int | None = knob(None, "train on the first N images of the split", ge=1)
+    num_workers: int = knob(0, "DataLoader workers; the data is in memory, so 0 is fastest", ge=0)
+    calibrate: Literal[CALIBRATIONS] = knob("auto", "fit a softmax temperature after training on: heldout (calib_size training images kept "
+                          "out), val (the validation split), none; auto: val if there is one, else heldout")
+    calib_size: int = knob(2000, "training images held out to fit the temperature (calibrate heldout; at most a tenth of them)", ge=1)
     # augmentation
-    augment: str = knob("none", "none | seed (the notebook's ops) | standard (crop+flip) | robust (+ JPEG, noise, blur), on the device",
-                        choices=AUGMENTS)
-    shift: float | None = knob(None, "seed: max shift, fraction of the side", min=0.0, below=1.0)
-    flip: float | None = knob(None, "seed/standard: flip probability", min=0.0, max=1.0)
-    zoom: float | None = knob(None, "seed: scale range 1 +/- zoom", min=0.0, below=1.0)
-    rotation: float | None = knob(None, "seed: max degrees", min=0.0, max=180.0)
-    brightness: float | None = knob(None, "seed: factor range 1 +/- brightness", min=0.0, below=1.0)
-    crop_padding: int | None = knob(None, "standard/robust: pad px before the random crop", min=0, max=16)
+    augment: Literal[AUGMENTS] = knob("none", "none | seed (the notebook's ops) | standard (crop+flip) | robust (+ JPEG, noise, "
+                                      "blur), on the device")
+    shift: float | None = knob(None, "seed: max shift, fraction of the side", ge=0.0, lt=1.0)
+    flip: float | None = knob(None, "seed/standard: flip probability", ge=0.0, le=1.0)
+    zoom: float | None = knob(None, "seed: scale range 1 +/- zoom", ge=0.0, lt=1.0)
+    rotation: float | None = knob(None, "seed: max degrees", ge=0.0, le=180.0)
+    brightness: float | None = knob(None, "seed: factor range 1 +/- brightness", ge=0.0, lt=1.0)
+    crop_padding: int | None = knob(None, "standard/robust: pad px before the random crop", ge=0, le=16)
     cutout: int | None = knob(None, "standard/robust: side px of a square, at a random place, set to the mean colour "
-                              "(airbench96's 12; 0 off)", min=0, max=32)
-    jpeg: float | None = knob(None, "robust: share of images re-encoded as JPEG, quality 30-95", min=0.0, max=1.0)
-    noise: float | None = knob(None, "robust: share of images given Gaussian noise, sigma up to 0.1", min=0.0, max=1.0)
+                              "(airbench96's 12; 0 off)", ge=0, le=32)
+    jpeg: float | None = knob(None, "robust: share of images re-encoded as JPEG, quality 30-95", ge=0.0, le=1.0)
+    noise: float | None = knob(None, "robust: share of images given Gaussian noise, sigma up to 0.1", ge=0.0, le=1.0)
     alternate_flip: bool = knob(False, "standard/robust: mirror each image on every other epoch (a seeded random half in the first; "
                                 "airbench's) instead of at random; replaces --flip")
-    blur: float | None = knob(None, "robust: share of images given a Gaussian blur, sigma 0.4-1.2 px", min=0.0, max=1.0)
+    blur: float | None = knob(None, "robust: share of images given a Gaussian blur, sigma 0.4-1.2 px", ge=0.0, le=1.0)
     # trainer
-    accelerator: str = knob("auto", "where to train", choices=ACCELERATORS)
+    accelerator: Literal[ACCELERATORS] = knob("auto", "where to train")
     devices: int | str = knob("auto", "device count or ids like '0,1'")
     strategy: str = knob("auto", "Lightning strategy: auto, ddp, ddp_spawn, fsdp...")
-    num_nodes: int = knob(1, "machines for multi-node DDP (torchrun/SLURM set the rest)", min=1)
-    precision: str = knob("32-true", "auto: bf16-mixed where the hardware has native bf16, else 32-true", choices=PRECISIONS)
-    seed: int = knob(0, "seed for init, shuffling, augmentation", min=0, max=MAX_SEED)
+    num_nodes: int = knob(1, "machines for multi-node DDP (torchrun/SLURM set the rest)", ge=1)
+    precision: Literal[PRECISIONS] = knob("32-true", "auto: bf16-mixed where the hardware has native bf16, else 32-true")
+    seed: int = knob(0, "seed for init, shuffling, augmentation", ge=0, le=MAX_SEED)
     deterministic: bool = knob(False, "use deterministic algorithms")
-    max_time: str | float | None = knob(None, "stop after this long: seconds or DD:HH:MM:SS")
+    max_time: str | int | float | None = knob(None, "stop after this long: seconds or DD:HH:MM:SS")
     channels_last: bool = knob(True, "NHWC memory (about 15% faster on CPU)")
     progress_bar: bool | None = knob(None, "default: on when stderr is a terminal")
     # runs and checkpoints
     log_dir: str = knob("lightning_logs", "runs go to LOG_DIR/version_N")
-    log_images_every: int = knob(1, "TensorBoard confusion heatmap and prediction grid every K validation epochs; 0 never", min=0)
-    checkpoint_every_steps: int = knob(0, "also save last.ckpt every N steps, so a kill loses at most N (0: each epoch)", min=0)
+    log_images_every: int = knob(1, "TensorBoard confusion heatmap and prediction grid every K validation epochs; 0 never", ge=0)
+    checkpoint_every_steps: int = knob(0, "also save last.ckpt every N steps, so a kill loses at most N (0: each epoch)", ge=0)
     resume: str | None = knob(None, "continue a run from its checkpoint ('last': the newest run's last.ckpt)")
     init_from: str | None = knob(None, "start a NEW run from these weights (e.g. refit with augmentation)")
+
+    @field_validator("widths", mode="before")
+    @classmethod
+    def _three_widths(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        parts = value.split(",") if isinstance(value, str) else value
+        if isinstance(parts, (list, tuple)):
+            parts = [int(w) if isinstance(w, str) and w.strip().isdigit() else w for w in parts]
+        whole = isinstance(parts, list) and all(isinstance(w, int) and not isinstance(w, bool) for w in parts)
+        if not (whole and len(parts) == 3 and min(parts) >= 1):
+            raise PydanticCustomError("recipe", "expects three positive channel counts like 64,256,256")
+        return parts
+
+    @field_validator("tta", "depth", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # True == 1 would pass as a level
+            raise PydanticCustomError("int_type", "expects an integer")
+        return value
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            value = int(value)
+        ok = (isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or value == -1)) or (
+            isinstance(value, str) and (value == "auto" or all(p.isdigit() for p in value.rstrip(",").split(",")) and value.strip(","))
+        )
+        if not ok:
+            raise PydanticCustomError("recipe", "expects 'auto', a count or a list like '0,1'")
+        return value
+
+    @field_validator("max_time")
+    @classmethod
+    def _max_time(cls, value: Any) -> Any:
+        parse_max_time(value)
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, value: str) -> str:
+        if value == "16-true":
+            # float16 weights with no loss scaling: Adam's epsilon underflows to 0 and the first step gives NaN.
+            raise ValueError("--precision 16-true: float16 weights without loss scaling diverge; use 16-mixed or bf16-mixed")
+        return value
 
     def augment_options(self) -> dict[str, float]:
         """The augmentation ranges set explicitly (the rest take the augmentation's defaults).
@@ -160,13 +209,13 @@ class TrainConfig:
         return args or None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS = TrainConfig.model_fields
 #: The knobs by topic, as --help lists them.
 SECTIONS = {
     "model and optimisation": ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing",
@@ -179,7 +228,7 @@ SECTIONS = {
                 "channels_last", "progress_bar"),
     "runs and checkpoints": ("log_dir", "log_images_every", "checkpoint_every_steps", "resume", "init_from"),
 }  # fmt: skip
-WHY = {name: f.metadata["why"] for name, f in FIELDS.items()}
+WHY = {name: f.description or "" for name, f in FIELDS.items()}
 
 
 def flag(name: str) -> str:
@@ -238,83 +287,74 @@ def _mapping(raw: Any, where: str) -> dict[str, Any]:
     values = {str(k).replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}")
+        raise ConfigError(f"{where}: unknown option(s) {_shown(', '.join(unknown))}")
     if values.get("preset") is not None:
         values["preset"] = str(values["preset"])  # `preset: 94` in YAML is an int
-    return {k: check_value(k, v, where) for k, v in values.items()}
+    return check_values(values, where)
 
 
-def _type_name(name: str) -> str:
-    return str(FIELDS[name].type)
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value as an error message quotes it: its repr, cut short (a file may hold megabytes)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(e: ValidationError, where: str) -> ConfigError:
+    """pydantic's report -> one line naming the flag, in this project's words."""
+    err = e.errors(include_url=False)[0]
+    name = str(err["loc"][0]) if err["loc"] else "?"
+    value, kind, ctx = err.get("input"), err["type"], err.get("ctx") or {}
+    prefix = f"{where}: " if where else ""
+    got = f", got {_shown(repr(value))}"
+    if kind == "recipe":
+        return ConfigError(f"{prefix}{flag(name)} {err['msg']}{got}")
+    if kind == "value_error":
+        return ConfigError(prefix + str(ctx.get("error", err["msg"])))
+    if value is None and kind not in ("recipe", "value_error"):
+        return ConfigError(f"{prefix}{flag(name)} needs a value{got}")
+    if kind == "literal_error":
+        return ConfigError(f"{prefix}{flag(name)} {_shown(repr(value))}: choose from {', '.join(map(str, choices(name)))}")
+    expected = {
+        "greater_than_equal": f"must be >= {ctx.get('ge')}", "less_than_equal": f"must be <= {ctx.get('le')}",
+        "greater_than": f"must be > {ctx.get('gt')}", "less_than": f"must be < {ctx.get('lt')}",
+        "finite_number": "must be finite", "bool_type": "expects true or false", "int_type": "expects an integer",
+        "float_type": "expects a number", "string_type": "expects a string", "none_required": "needs no value",
+    }.get(kind)  # fmt: skip
+    return ConfigError(f"{prefix}{flag(name)} {expected or err['msg'][0].lower() + err['msg'][1:]}{got}")
+
+
+def check_values(values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Some options' values, checked against their types and bounds (the others keep their
+    defaults); ConfigError naming the first bad option. Returns them as the config holds them
+    (e.g. widths "64,256,256" -> [64, 256, 256])."""
+    try:
+        cfg = TrainConfig(**values)
+    except ValidationError as e:
+        raise _one_line(e, where) from None
+    return {k: getattr(cfg, k) for k in values}
 
 
 def check_value(name: str, value: Any, where: str = "") -> Any:
-    """One option's value, checked against its type and bounds; ConfigError naming the option."""
-    f, kind = FIELDS[name], _type_name(name)
-    meta = f.metadata
-    prefix = f"{where}: " if where else ""
+    """One option's value, checked (see ``check_values``)."""
+    return check_values({name: value}, where)[name]
 
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{prefix}{flag(name)} {expected}, got {value!r}")
 
-    if value is None:
-        if "None" in kind:
-            return None
-        raise bad("needs a value")
-    if name == "widths":
-        if isinstance(value, str):
-            value = value.split(",")
-        try:
-            widths = [int(w) for w in value] if isinstance(value, (list, tuple)) and not any(isinstance(w, bool) for w in value) else []
-        except (TypeError, ValueError):
-            widths = []
-        if len(widths) != 3 or min(widths) < 1 or any(isinstance(w, float) and w != int(w) for w in value):
-            raise bad("expects three positive channel counts like 64,256,256")
-        return widths
-    if name == "devices":
-        if isinstance(value, str) and value.lstrip("-").isdigit():
-            value = int(value)
-        ok = (isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or value == -1)) or (
-            isinstance(value, str) and (value == "auto" or all(p.isdigit() for p in value.rstrip(",").split(",")) and value.strip(","))
-        )
-        if not ok:
-            raise bad("expects 'auto', a count or a list like '0,1'")
-        return value
-    if name == "max_time":
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise bad("expects seconds or DD:HH:MM:SS")
-        parse_max_time(value)
-        return value
-    if kind.startswith("bool"):
-        if not isinstance(value, bool):
-            raise bad("expects true or false")
-        return value
-    if kind.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("expects an integer")
-    elif kind.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("expects a number")
-        value = float(value)
-        if not math.isfinite(value):
-            raise bad("must be finite")
-    elif kind.startswith("str"):
-        if not isinstance(value, str):
-            raise bad("expects a string")
-    if name == "precision" and value == "16-true":
-        # float16 weights with no loss scaling: Adam's epsilon underflows to 0 and the first step gives NaN.
-        raise ConfigError(f"{prefix}--precision 16-true: float16 weights without loss scaling diverge; use 16-mixed or bf16-mixed")
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{prefix}{flag(name)} {value!r}: choose from {', '.join(map(str, meta['choices']))}")
-    if "min" in meta and value < meta["min"]:
-        raise bad(f"must be >= {meta['min']}")
-    if "max" in meta and value > meta["max"]:
-        raise bad(f"must be <= {meta['max']}")
-    if "above" in meta and not value > meta["above"]:
-        raise bad(f"must be > {meta['above']}")
-    if "below" in meta and not value < meta["below"]:
-        raise bad(f"must be < {meta['below']}")
-    return value
+def field_kind(name: str) -> str:
+    """'bool', 'int', 'float', 'str' or 'list': how a flag parses its text."""
+    annotation = FIELDS[name].annotation
+    options = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) is not Literal else []
+    base = options[0] if options else annotation
+    if get_origin(base) is Literal or get_origin(annotation) is Literal:
+        return type(choices(name)[0]).__name__
+    if get_origin(base) is list:
+        return "list"
+    return base.__name__ if isinstance(base, type) else "str"
+
+
+def choices(name: str) -> tuple[Any, ...]:
+    """The values a choice option takes (empty for a free one)."""
+    annotation = FIELDS[name].annotation
+    return tuple(get_args(annotation)) if get_origin(annotation) is Literal else ()
 
 
 def parse_max_time(value: str | int | float | None) -> dt.timedelta | None:
@@ -337,14 +377,6 @@ def parse_max_time(value: str | int | float | None) -> dt.timedelta | None:
     return dt.timedelta(seconds=seconds)
 
 
-def check_model_name(cfg: TrainConfig) -> None:
-    """The network must be in the registry (which imports torch, so it is checked apart)."""
-    from cifar_lightning.models import MODELS
-
-    if cfg.model not in MODELS:
-        raise ConfigError(f"--model {cfg.model!r}: unknown; choose from {', '.join(sorted(MODELS))}")
-
-
 # ----------------------------------------------------------------------------- layering
 
 
@@ -353,7 +385,7 @@ def build(given: dict[str, Any], saved: dict[str, Any] | None = None, refit_of: 
 
     The preset is the one given, else the saved run's, else (for a refit that names no model)
     the one of the run it starts from, else the one its model implies."""
-    given = {k: check_value(k, v) for k, v in given.items()}
+    given = check_values(given)
     name = given.get("preset")
     if not name and saved:
         name = implied_preset(saved)
@@ -365,44 +397,7 @@ def build(given: dict[str, Any], saved: dict[str, Any] | None = None, refit_of: 
         # The preset's mirror schedule belongs to its crop+flip augmentation: a run that swaps the
         # augmentation (e.g. --augment none) drops it; asking for both is refused before the run.
         values["alternate_flip"] = False
-    return TrainConfig(**values)
-
-
-def saved_run_config(ckpt_path: Path) -> dict[str, Any]:
-    """The config.yaml of the run that wrote this checkpoint ({} if none or unreadable)."""
-    from cifar_lightning.checkpoint import run_dir_of
-
-    run = run_dir_of(ckpt_path)
-    if run is None:
-        return {}
     try:
-        return read_yaml(run / "config.yaml", "config")
-    except ConfigError:
-        return {}
-
-
-def resolve(given: dict[str, Any]) -> TrainConfig:
-    """The recipe of a run from what the user gave (--config values, then flags on top).
-
-    A resumed run keeps its own saved configuration (init_from included, as a record of where
-    its weights came from); a refit (--init-from) continues the recipe of the run it starts
-    from unless it names a model."""
-    from cifar_lightning.checkpoint import find_last_checkpoint
-
-    given = dict(given)
-    if given.get("resume") and given.get("init_from"):
-        raise ConfigError("--resume and --init-from exclude each other: resume continues a run, init-from starts a new one")
-    saved: dict[str, Any] | None = None
-    if given.get("resume"):
-        log_dir = Path(given.get("log_dir") or TrainConfig.log_dir)
-        ckpt = find_last_checkpoint(log_dir) if given["resume"] == "last" else Path(given["resume"])
-        saved = saved_run_config(ckpt)
-        given["resume"] = str(ckpt)
-    refit_of = saved_run_config(Path(given["init_from"])) if given.get("init_from") else None
-    cfg = build(given, saved, refit_of)
-    # Paths are recorded absolute: a run's config.yaml, and the evaluate/export commands that
-    # read it, must not depend on the directory they are started from.
-    for key in ("data_dir", "log_dir", "init_from", "resume"):
-        if getattr(cfg, key):
-            setattr(cfg, key, os.path.abspath(os.path.expanduser(getattr(cfg, key))))
-    return cfg
+        return TrainConfig(**values)
+    except ValidationError as e:
+        raise _one_line(e, "") from None

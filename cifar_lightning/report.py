@@ -27,12 +27,17 @@ import torch.nn.functional as F  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torchmetrics.classification import (  # noqa: E402
     MulticlassAccuracy,
-    MulticlassCalibrationError,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
     MulticlassPrecision,
     MulticlassRecall,
 )
+
+from cifar_lightning.augment import BatchAugment  # noqa: E402
+from cifar_lightning.calibration import N_BINS, ece  # noqa: E402
+from cifar_lightning.data import load_splits  # noqa: E402
+from cifar_lightning.errors import ConfigError  # noqa: E402
+from cifar_lightning.fileio import atomic_write, new_file, refuse_overlap  # noqa: E402
 
 GOOD, BAD = "#1a7f37", "#cf222e"  # green for right, red for wrong
 
@@ -40,7 +45,7 @@ GOOD, BAD = "#1a7f37", "#cf222e"  # green for right, red for wrong
 # ----------------------------------------------------------------------------- metrics
 
 
-def compute_metrics(probs: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], n_bins: int = 15) -> dict:
+def compute_metrics(probs: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict:
     """Accuracy, top-k, loss, ECE, per-class precision/recall/F1/support and the confusion
     matrix (rows true, columns predicted), as plain JSON-ready numbers."""
     probs, labels = probs.float().cpu(), labels.long().cpu()
@@ -59,7 +64,7 @@ def compute_metrics(probs: torch.Tensor, labels: torch.Tensor, class_names: Sequ
         "top2_accuracy": acc(2),
         "top5_accuracy": acc(5),
         "mean_loss": float(F.nll_loss(probs.clamp_min(1e-12).log(), labels)),
-        "ece": float(MulticlassCalibrationError(c, n_bins=n_bins, norm="l1")(probs, labels)),
+        "ece": ece(probs, labels),
         "per_class": {
             name: {k: float(per[k][i]) for k in per} | {"support": int(support[i])} for i, name in enumerate(class_names)
         },
@@ -152,7 +157,8 @@ def per_class_figure(metrics: dict) -> Figure:
     return fig
 
 
-def _reliability(ax: plt.Axes, hist: plt.Axes, probs: torch.Tensor, labels: torch.Tensor, n_bins: int, title: str) -> None:
+def _reliability(ax: plt.Axes, hist: plt.Axes, probs: torch.Tensor, labels: torch.Tensor, title: str) -> None:
+    n_bins = N_BINS
     conf, pred = probs.float().max(dim=1)
     correct = (pred == labels).float()
     edges = torch.linspace(0, 1, n_bins + 1)
@@ -160,7 +166,6 @@ def _reliability(ax: plt.Axes, hist: plt.Axes, probs: torch.Tensor, labels: torc
     counts = torch.bincount(idx, minlength=n_bins).float()
     acc = torch.bincount(idx, weights=correct, minlength=n_bins) / counts.clamp_min(1)
     mean_conf = torch.bincount(idx, weights=conf, minlength=n_bins) / counts.clamp_min(1)
-    ece = MulticlassCalibrationError(probs.shape[1], n_bins=n_bins, norm="l1")(probs.float(), labels)
     centers = ((edges[:-1] + edges[1:]) / 2).numpy()
     width = 1 / n_bins
     filled = counts > 0
@@ -173,14 +178,14 @@ def _reliability(ax: plt.Axes, hist: plt.Axes, probs: torch.Tensor, labels: torc
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left")
-    ax.set_title(f"{title}, ECE {float(ece):.3f}")
+    ax.set_title(f"{title}, ECE {ece(probs, labels):.3f}")
     hist.bar(centers, counts.numpy(), width=width * 0.95, color="gray")
     hist.set_xlabel("confidence (top-1 probability)")
     hist.set_ylabel("images")
     hist.set_xlim(0, 1)
 
 
-def calibration_figure(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, raw_probs: torch.Tensor | None = None,
+def calibration_figure(probs: torch.Tensor, labels: torch.Tensor, raw_probs: torch.Tensor | None = None,
                        temperature: float = 1.0) -> Figure:  # fmt: skip
     """Reliability diagram: accuracy against confidence per bin, with the confidence histogram;
     given ``raw_probs`` (before the temperature), both side by side."""
@@ -189,7 +194,7 @@ def calibration_figure(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 
     fig, axes = plt.subplots(2, len(panels), figsize=(6.5 * len(panels), 7.5), sharex=True,
                              gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)  # fmt: skip
     for col, (p, title) in enumerate(panels):
-        _reliability(axes[0, col], axes[1, col], p, labels, n_bins, title)
+        _reliability(axes[0, col], axes[1, col], p, labels, title)
     fig.tight_layout()
     return fig
 
@@ -305,25 +310,33 @@ def data_grid_figure(
 def data_grid_of(data_dir: str, augment: str = "none", ranges: dict[str, float] | None = None, per_class: int = 8,
                  n_augmented: int = 5, seed: int = 0, download: bool = True) -> Figure:  # fmt: skip
     """cifar-show-data: the training images of a data dir, augmented with the named recipe."""
-    from cifar_lightning.augment import BatchAugment
-    from cifar_lightning.data import CIFAR10DataModule
-    from cifar_lightning.errors import ConfigError
-
     try:
         augmenter = BatchAugment(augment, **(ranges or {})) if augment != "none" else None
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    dm = CIFAR10DataModule(data_dir=data_dir, download=download)
-    dm.prepare_data()
-    train = dm.load()["train"]
+    train = load_splits(data_dir, download=download)["train"]
     torch.manual_seed(seed)
-    return data_grid_figure(train.images, train.labels, list(dm.classes), per_class, augmenter, n_augmented)
+    return data_grid_figure(train.images, train.labels, list(train.classes), per_class, augmenter, n_augmented)
+
+
+def show_data_command(data_dir: str, augment: str = "none", ranges: dict[str, float] | None = None, per_class: int = 8,
+                      n_augmented: int = 5, seed: int = 0, out: str | None = None, overwrite: bool = False,
+                      download: bool = True) -> Path:  # fmt: skip
+    """cifar-show-data: the grid, written to --out (never over or into the data it shows)."""
+    target = Path(out or ("data_grid.png" if augment == "none" else f"data_grid_{augment}.png"))
+    refuse_overlap(target, {"data dir": Path(data_dir)}, inside={"data dir": Path(data_dir)})
+    target = new_file(target, overwrite)
+    fig = data_grid_of(data_dir, augment, ranges, per_class, n_augmented, seed, download)
+    try:
+        save_figure(fig, target)
+    except OSError as e:
+        raise ConfigError(f"--out {target}: cannot write ({e.strerror or e})") from None
+    print(target)
+    return target
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 100) -> None:
     """PNG written atomically: an interrupted save never leaves half an image at ``path``."""
-    from cifar_lightning.checkpoint import atomic_write
-
     try:
         atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
     finally:
@@ -443,7 +456,6 @@ def write_report(
     meta: dict,
     run_dir: Path | None = None,
     grid: int = 25,
-    n_bins: int = 15,
     raw_probs: torch.Tensor | None = None,
     corruptions: dict | None = None,
 ) -> dict:
@@ -452,10 +464,9 @@ def write_report(
     ``corruptions``: {name: [{severity, label, accuracy, ece}, ...]} from cifar-evaluate."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {**meta, **compute_metrics(probs, labels, class_names, n_bins)}
+    metrics = {**meta, **compute_metrics(probs, labels, class_names)}
     if raw_probs is not None:
-        ece = MulticlassCalibrationError(len(class_names), n_bins=n_bins, norm="l1")
-        metrics["ece_uncalibrated"] = float(ece(raw_probs.float(), labels))
+        metrics["ece_uncalibrated"] = ece(raw_probs, labels)
         metrics["mean_loss_uncalibrated"] = float(F.nll_loss(raw_probs.float().clamp_min(1e-12).log(), labels))
     if corruptions:
         cells = [r for rows in corruptions.values() for r in rows]
@@ -483,7 +494,7 @@ def write_report(
         ax.axis("off")
         ax.text(0.5, 0.5, "no mistakes on this split", ha="center", va="center", fontsize=14)
         figures["misclassified.png"] = fig
-    figures["calibration.png"] = calibration_figure(probs, labels, n_bins, raw_probs, float(meta.get("temperature") or 1.0))
+    figures["calibration.png"] = calibration_figure(probs, labels, raw_probs, float(meta.get("temperature") or 1.0))
     if corruptions:
         figures["corruptions.png"] = corruption_figure(corruptions)
     curves = curves_figure(read_curves(run_dir))

@@ -20,19 +20,26 @@ import base64
 import binascii
 import io
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import litserve as ls
 import numpy as np
+import torch
+from PIL import Image
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cifar_lightning.checkpoint import sha256_of
-from cifar_lightning.errors import ImageError, ImageTooLargeError, NotAnImageError
+from cifar_lightning.errors import ConfigError, ImageError, ImageTooLargeError, NotAnImageError
+from cifar_lightning.fileio import sha256_of
 from cifar_lightning.images import IMAGE_SIZE, decode
+from cifar_lightning.inference import device_for, load_classifier
+from cifar_lightning.runs import known_test_accuracy
 
 PAGE = Path(__file__).with_name("serve_page.html")
 MAX_TOP_K = 100
@@ -166,8 +173,6 @@ class ClassifierAPI(ls.LitAPI):
         self.model_path, self.accelerator, self.calibrate = model, accelerator, calibrate
 
     def setup(self, device: str) -> None:
-        from cifar_lightning.inference import load_classifier
-
         device = device if self.model_path.endswith((".ckpt", ".safetensors")) else "cpu"
         self.clf = load_classifier(self.model_path, device=device, calibrate=self.calibrate)
         self.name = str(self.clf.info.get("model") or Path(self.model_path).stem)
@@ -179,8 +184,6 @@ class ClassifierAPI(ls.LitAPI):
         return inputs
 
     def predict(self, inputs: list[dict] | dict) -> list[dict]:
-        import torch
-
         items = inputs if isinstance(inputs, list) else [inputs]
         pixels = np.stack([np.frombuffer(base64.b64decode(r["pixels"]), np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE, 3) for r in items])
         probs = self.clf.probabilities(torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2))
@@ -200,8 +203,6 @@ class ClassifierAPI(ls.LitAPI):
 
 
 def _png_data_url(pixels: np.ndarray) -> str:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -213,8 +214,6 @@ def model_info(model: str | Path, clf: Any) -> dict[str, Any]:
     info = clf.info
     accuracy = info.get("test_accuracy")
     if accuracy is None and path.suffix.lower() == ".ckpt":
-        from cifar_lightning.export import known_test_accuracy
-
         accuracy = known_test_accuracy(path)
     return {
         "model": str(info.get("model") or path.stem),
@@ -234,13 +233,12 @@ def build_server(model: str | Path, max_batch_size: int = 32, batch_timeout: flo
                  accelerator: str = "cpu", top_k: int = 5, max_upload_mb: float = 10, calibrate: bool = True) -> ls.LitServer:  # fmt: skip
     """The server object, for ``server.run(...)`` or for tests (``server.app`` is FastAPI). The
     model is loaded here first, so a bad MODEL fails at once with a ModelError."""
-    from cifar_lightning.inference import load_classifier
-
+    device = device_for(accelerator)  # an accelerator this machine lacks fails here, in one line
     clf = load_classifier(model, calibrate=calibrate)  # refuses a bad, unsafe or foreign model file before any worker starts
     info = model_info(model, clf)
     api = ClassifierAPI(str(model), accelerator, max_batch_size, batch_timeout, calibrate)
     server = ls.LitServer(
-        api, accelerator="cuda" if accelerator in ("gpu", "cuda") else accelerator, workers_per_device=workers,
+        api, accelerator=device, workers_per_device=workers,
         info_path="/litserve/info", model_metadata=info, max_payload_size=int(max_upload_mb * (1 << 20)) + 65536,
         middlewares=[(CheckUploads, {"max_upload_bytes": int(max_upload_mb * (1 << 20)), "default_top_k": top_k})],
     )  # fmt: skip
@@ -261,44 +259,28 @@ def build_server(model: str | Path, max_batch_size: int = 32, batch_timeout: flo
         status = getattr(exc, "status_code", 500)
         return JSONResponse({"error": str(getattr(exc, "detail", exc))}, status_code=status)
 
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     server.app.add_exception_handler(StarletteHTTPException, as_error)
     return server
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on now."""
-    import socket
+def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32, batch_timeout: float = 0.005,
+                  workers: int = 1, accelerator: str = "cpu", top_k: int = 5, max_upload_mb: float = 10.0,
+                  calibrate: bool = True) -> None:  # fmt: skip
+    """cifar-serve: build the server, then serve until Ctrl-C or SIGTERM (which stop the workers too)."""
+    if not (0 <= port <= 65535 and 0 <= batch_timeout < 60 and 0 < max_upload_mb <= 1024):
+        raise ConfigError("--port, --batch-timeout or --max-upload-mb out of range")
+    server = build_server(model, max_batch_size, batch_timeout, workers, accelerator, top_k, max_upload_mb, calibrate)
+    main_pid = os.getpid()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def stop(signum: int, frame: object) -> None:
+        if os.getpid() != main_pid:  # a forked LitServe process: die as SIGTERM means
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt  # LitServe's own shutdown path: it stops its workers too
 
-
-def launch(model: str | Path, *flags: str, timeout: float = 120.0, **popen: Any) -> tuple[Any, str]:
-    """``cifar-serve MODEL FLAGS`` in a child process on a free loopback port, returned once
-    /health answers 200: (the process, its base URL). For tests, benchmarks and screenshots;
-    stop it with ``terminate()`` (SIGTERM shuts its workers down too)."""
-    import subprocess
-    import sys
-    import time
-    import urllib.error
-    import urllib.request
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cifar_lightning", "serve", str(model), "--port", str(port), *flags], **popen)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"cifar-serve exited with status {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc, url
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError(f"cifar-serve was not ready after {timeout:.0f} s")
+    signal.signal(signal.SIGTERM, stop)
+    print(f"cifar-serve: {model} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.run(host=host, port=port, generate_client_file=False, log_level="warning")
+    except KeyboardInterrupt:
+        pass

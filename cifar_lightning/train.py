@@ -27,23 +27,19 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cifar_lightning.callbacks import EpochReport, Lookahead, StepCheckpoint, StopOnSignal, TensorBoardImages
-from cifar_lightning.checkpoint import (
-    atomic_write,
-    atomic_write_text,
-    claim_new_run_dir,
-    classifier_from_checkpoint,
-    is_temp_sibling,
-    load_checkpoint,
-    non_finite_tensor,
-    version_of,
-)
+from cifar_lightning import calibration, runs
+from cifar_lightning.callbacks import EpochReport, Lookahead, RunEstimate, StepCheckpoint, StopOnSignal, TensorBoardImages
+from cifar_lightning.checkpoint import load_checkpoint, non_finite_tensor
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.errors import ConfigError, RunInterruptedError, TrainingFailedError
+from cifar_lightning.fileio import atomic_write, atomic_write_text, is_temp_sibling
+from cifar_lightning.inference import device_for, load_classifier
+from cifar_lightning.models import MODELS
 from cifar_lightning.module import ImageClassifier, NonFiniteLossError
-from cifar_lightning.recipes import TrainConfig, check_model_name, parse_max_time
+from cifar_lightning.recipes import TrainConfig, parse_max_time
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -138,19 +134,15 @@ def versions() -> dict[str, str]:
 def check_before_start(cfg: TrainConfig) -> None:
     """Step 0: what only the installed torch and Lightning can judge, checked before anything is
     created, so a bad option is one line naming it and never a half-made run directory."""
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    check_model_name(cfg)
+    if cfg.model not in MODELS:
+        raise ConfigError(f"--model {cfg.model!r}: unknown; choose from {', '.join(sorted(MODELS))}")
     if cfg.alternate_flip and cfg.augment not in ("standard", "robust"):
         raise ConfigError(f"--alternate-flip needs --augment standard or robust (got {cfg.augment}); or add --no-alternate-flip")
     if cfg.calibrate == "val" and cfg.val_size == 0:
         raise ConfigError("--calibrate val needs a validation split (--val-size > 0); use --calibrate heldout or auto")
     if cfg.strategy != "auto" and cfg.strategy not in StrategyRegistry.available_strategies():
         raise ConfigError(f"--strategy {cfg.strategy!r}: not a Lightning strategy; e.g. auto, ddp, ddp_spawn, fsdp")
-    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--accelerator {cfg.accelerator}: no CUDA GPU is available on this machine")
-    if cfg.accelerator == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--accelerator mps: MPS is not available on this machine")
+    device_for(cfg.accelerator)  # an accelerator this machine lacks: one line, before anything
     launched = "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ or {"MASTER_ADDR", "NODE_RANK"} <= set(os.environ)
     if cfg.num_nodes > 1 and not launched:
         raise ConfigError(
@@ -162,12 +154,7 @@ def check_before_start(cfg: TrainConfig) -> None:
 def build_data(cfg: TrainConfig) -> CIFAR10DataModule:
     """Step 1: the data module, loaded and split. Data problems surface here, before a run
     directory exists."""
-    dm = CIFAR10DataModule(
-        data_dir=cfg.data_dir, batch_size=cfg.batch_size, val_size=cfg.val_size, split_seed=cfg.split_seed,
-        limit_train_images=cfg.limit_train_images, augment=cfg.augment, augment_options=cfg.augment_options(),
-        source=cfg.data_source, num_workers=cfg.num_workers, download=cfg.download, shuffle_seed=cfg.seed,
-        calib_size=cfg.held_out_for_calibration(), alternate_flip=cfg.alternate_flip,
-    )  # fmt: skip
+    dm = CIFAR10DataModule.from_config(cfg)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -186,27 +173,17 @@ def build_module(cfg: TrainConfig, classes: list[str]) -> RunStart:
     """Step 2: the module (fresh, from --init-from weights, or resumed) and its run folder."""
     if cfg.resume:
         resume_ckpt = Path(cfg.resume)
-        module = classifier_from_checkpoint(load_checkpoint(resume_ckpt), resume_ckpt)
-        run_dir = resume_ckpt.parent.parent
-        if version_of(run_dir) is None or resume_ckpt.parent.name != "checkpoints":
-            raise ConfigError(f"--resume {resume_ckpt}: expected a checkpoint inside LOG_DIR/version_N/checkpoints/")
+        module = ImageClassifier.from_checkpoint(resume_ckpt)
+        run_dir = runs.run_dir_of_resumed(resume_ckpt)
     else:
         resume_ckpt = None
-        try:
-            module = ImageClassifier(
-                model=cfg.model, num_classes=len(classes), lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
-                schedule=cfg.schedule, momentum=cfg.momentum, label_smoothing=cfg.label_smoothing, class_names=classes,
-                model_args=cfg.model_args(), norm_bias_lr_scale=cfg.norm_bias_lr_scale, warmup_fraction=cfg.warmup_fraction,
-                whiten_bias_epochs=cfg.whiten_bias_epochs, tta=cfg.tta, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
-            )  # fmt: skip
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        module = ImageClassifier.from_config(cfg, classes)
         if cfg.init_from:
             load_init_weights(module, cfg)
         # Under DDP only rank 0 claims a run directory; Lightning broadcasts its checkpoint
         # folder to the other processes, which write nothing of their own.
         rank = launch_rank()
-        run_dir = claim_new_run_dir(Path(cfg.log_dir)) if rank == 0 else Path(cfg.log_dir) / f".rank{rank}"
+        run_dir = runs.claim_new_run_dir(Path(cfg.log_dir)) if rank == 0 else Path(cfg.log_dir) / f".rank{rank}"
     if cfg.channels_last:
         module = module.to(memory_format=torch.channels_last)
         module.channels_last = True
@@ -253,18 +230,18 @@ class Checkpoints:
 
 
 def build_checkpoints(cfg: TrainConfig, run_dir: Path) -> Checkpoints:
-    folder = run_dir / "checkpoints"
+    folder = runs.checkpoints_dir(run_dir)
     # Two callbacks, because Lightning's save_last only refreshes last.ckpt when the monitored
     # checkpoint is saved (i.e. when val_acc improves): last.ckpt must be the latest epoch.
     best = ModelCheckpoint(
         dirpath=folder, filename="best-epoch{epoch:02d}-val_acc{val_acc:.4f}", monitor="val_acc", mode="max",
         auto_insert_metric_name=False,
     ) if cfg.val_size > 0 else None  # fmt: skip
-    last = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=folder, filename=Path(runs.LAST).stem, monitor=None, enable_version_counter=False)
     # Mid-epoch saves to the same last.ckpt, so a kill loses at most this many steps; the run
     # resumes from that exact step (see data.ResumableLoader and the module's RNG state).
     steps = StepCheckpoint(
-        dirpath=folder, filename="last", monitor=None, enable_version_counter=False,
+        dirpath=folder, filename=Path(runs.LAST).stem, monitor=None, enable_version_counter=False,
         every_n_train_steps=cfg.checkpoint_every_steps, save_on_train_epoch_end=False,
     ) if cfg.checkpoint_every_steps else None  # fmt: skip
     return Checkpoints(best, last, steps, StopOnSignal(last))
@@ -275,7 +252,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, classes: list[str], checkpoin
     """Step 3: the Trainer with its logger, checkpoints and callbacks. Losses and the learning
     rate are logged every few steps (at least four times an epoch), so the schedule's warm-up
     and decay show in TensorBoard even for short runs."""
-    for stale in (run_dir / "checkpoints").glob(".*"):  # left by a run killed mid-write
+    for stale in runs.checkpoints_dir(run_dir).glob(".*"):  # left by a run killed mid-write
         if is_temp_sibling(stale):
             stale.unlink(missing_ok=True)
     progress = cfg.progress_bar if cfg.progress_bar is not None else sys.stderr.isatty()
@@ -289,7 +266,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, classes: list[str], checkpoin
         callbacks=[
             *checkpoints.callbacks(), LearningRateMonitor("step"), EpochReport(),
             TensorBoardImages(classes, every_n_epochs=cfg.log_images_every),
-            *([Lookahead()] if cfg.lookahead else []), *(callbacks or []),
+            *([Lookahead()] if cfg.lookahead else []), RunEstimate(faster_preset(cfg)), *(callbacks or []),
         ],
         enable_progress_bar=progress, log_every_n_steps=max(1, min(10, steps_per_epoch // 4)), enable_model_summary=progress,
         **({} if has_val else {"limit_val_batches": 0, "num_sanity_val_steps": 0}),
@@ -316,7 +293,7 @@ def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, che
         kept = checkpoints.last_good()
         raise TrainingFailedError(f"{e}; stopped{f', the last good checkpoint is {kept}' if kept else ''}") from None
     if trainer.interrupted:
-        raise ConfigError(f"training interrupted; resume with: cifar-train --resume {start.run_dir / 'checkpoints' / 'last.ckpt'}")
+        raise ConfigError(f"training interrupted; resume with: cifar-train --resume {runs.last_checkpoint(start.run_dir)}")
     tested = checkpoints.tested()
     if calibrate != "none":
         calibrate_checkpoints(trainer, dm, [tested, checkpoints.last_good()], calibrate)
@@ -326,14 +303,33 @@ def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, che
 def calibrate_checkpoints(trainer: L.Trainer, dm: CIFAR10DataModule, paths: list[str], split: str) -> None:
     """Step 4b: fit each final checkpoint's temperature on the calibration (or validation)
     images and store it in the file. Every process computes the same T; rank 0 writes."""
-    from cifar_lightning.calibration import calibrate_checkpoint
-
     ds = dm.calib_set if split == "heldout" else dm.val_set
     if ds is None or len(ds) == 0:
         raise ConfigError(f"--calibrate {split}: no images to fit the temperature on (check --calib-size / --val-size)")
     for path in dict.fromkeys(p for p in paths if p and Path(p).is_file()):
         calibrate_checkpoint(Path(path), ds.images, ds.labels, split, trainer.strategy.root_device, write=trainer.is_global_zero)
     trainer.strategy.barrier("calibrated")
+
+
+def calibrate_checkpoint(path: Path, images: torch.Tensor, labels: torch.Tensor, split: str, device: torch.device | str,
+                         write: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Fit T for the checkpoint at ``path`` on (images, labels) and write it into the file
+    (atomically: a kill leaves the old file). The logits come through the one inference path,
+    raw (``calibrate=False``), with the model's test-time views: exactly what inference divides
+    by T. Returns the calibration entry."""
+    logits = load_classifier(path, device=str(device), calibrate=False).logits(images, batch_size=500)
+    entry = calibration.summary(logits, labels.cpu(), calibration.fit_temperature(logits, labels), split)
+    if write:
+        ckpt = load_checkpoint(path)
+        ckpt["calibration"] = entry
+        atomic_write(path, lambda tmp: torch.save(ckpt, tmp), fsync=True)
+    return entry
+
+
+def faster_preset(cfg: TrainConfig) -> str | None:
+    """The preset to name when a run looks long: the next faster one of the fast network."""
+    order = ["96", "95", "94", "93", "90"]
+    return order[order.index(cfg.preset) + 1] if cfg.preset in order[:-1] else None
 
 
 def write_results(cfg: TrainConfig, trainer: L.Trainer, run_dir: Path, test_metrics: dict, tested: str,
@@ -350,7 +346,7 @@ def write_results(cfg: TrainConfig, trainer: L.Trainer, run_dir: Path, test_metr
         "calibration": trainer.lightning_module.calibration,  # the tested checkpoint's, loaded by the test
         "best_val_acc": float(best.best_model_score) if best and best.best_model_score is not None else None,
         "best_checkpoint": str(tested),
-        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "last_checkpoint": str(runs.last_checkpoint(run_dir)),
         "epochs_run": trainer.current_epoch,
         "epoch_seconds": report.epoch_seconds,
         "train_seconds": report.train_seconds,
@@ -360,7 +356,7 @@ def write_results(cfg: TrainConfig, trainer: L.Trainer, run_dir: Path, test_metr
         "config": cfg.to_dict(),
     }
     if trainer.is_global_zero:
-        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+        atomic_write_text(run_dir / runs.RESULTS, json.dumps(results, indent=2))
         # The HPARAMS tab of TensorBoard: this run's configuration next to its final metrics.
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()}
         final = {"hp/test_acc": results["test_acc"], "hp/test_loss": results["test_loss"], "hp/test_ece": results["test_ece"]}
@@ -385,7 +381,7 @@ def run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) ->
     start = build_module(cfg, classes)
     if launch_rank() == 0:
         config = {k: v for k, v in cfg.to_dict().items() if k != "resume"}
-        atomic_write_text(start.run_dir / "config.yaml", TrainConfig(**config).to_yaml())
+        atomic_write_text(start.run_dir / runs.CONFIG, TrainConfig(**config).to_yaml())
     checkpoints = build_checkpoints(cfg, start.run_dir)
     try:
         steps_per_epoch = -(-len(dm.train_set) // cfg.batch_size)
@@ -396,6 +392,14 @@ def run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) ->
         raise
     test_metrics, tested = fit_and_test(trainer, start, dm, checkpoints, cfg.calibration_split())
     return write_results(cfg, trainer, start.run_dir, test_metrics, tested, checkpoints, time.perf_counter() - t0)
+
+
+def train_command(cfg: TrainConfig) -> dict[str, Any]:
+    """cifar-train: one run, then its summary (printed once, by rank 0)."""
+    results = run_training(cfg)
+    if results["global_rank"] == 0:
+        print(summary(results))
+    return results
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -409,7 +413,7 @@ def summary(r: dict[str, Any]) -> str:
         f"calibration     {calibration_line(r)}\n"
         f"wall time       {r['wall_seconds']:.1f} s   ({mean_epoch:.1f} s per training epoch, {len(per_epoch)} epochs this session)\n"
         f"best checkpoint {r['best_checkpoint']}\n"
-        f"results         {Path(r['run_dir']) / 'results.json'}\n"
+        f"results         {Path(r['run_dir']) / runs.RESULTS}\n"
         f"watch it        tensorboard --logdir {Path(r['run_dir']).parent}"
     )
 

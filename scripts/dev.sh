@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets itself up on a fresh machine, then runs the job:
 #   bash scripts/dev.sh train [cifar-train flags...]   train (default: --preset 94, the fast recipe)
-#   bash scripts/dev.sh test  [pytest args...]         ruff + the test suite
+#   bash scripts/dev.sh test  [pytest args...]         ruff, lint-imports (the layers) + the test suite
 #   bash scripts/dev.sh run CMD [args...]              any command inside the project's venv
 # The venv (.venv, or $CIFAR_LIGHTNING_VENV) is built once and rebuilt when pyproject.toml changes.
 set -euo pipefail
@@ -21,7 +21,7 @@ cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
     train) exec "$venv/bin/cifar-train" "$@" ;;
-    test) "$venv/bin/ruff" check . && exec "$venv/bin/python" -m pytest "$@" ;;
+    test) "$venv/bin/ruff" check . && "$venv/bin/lint-imports" && exec "$venv/bin/python" -m pytest "$@" ;;
     run) exec "$venv/bin/$1" "${@:2}" ;;
     *) echo "usage: bash scripts/dev.sh train|test|run ..." >&2; exit 2 ;;
 esac

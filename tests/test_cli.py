@@ -30,13 +30,13 @@ def digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    """One real subprocess run of scripts/train.py, shared by the tests that read its files."""
+    """One real subprocess run of `python -m cifar_lightning train`, shared by the tests that read its files."""
     root = tmp_path_factory.mktemp("cli")
     tree = write_imagefolder(root / "tree")
     logs = root / "logs"
     env = {**os.environ, "CIFAR_LIGHTNING_CACHE": str(root / "cache")}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *tiny_train_argv(tree, logs)],
+        [sys.executable, "-m", "cifar_lightning", "train", *tiny_train_argv(tree, logs)],
         capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     return tree, logs, proc
@@ -169,7 +169,7 @@ def test_bad_inputs_give_one_clean_error_line(imagefolder: Path, tmp_path: Path,
 @pytest.mark.slow
 def test_a_bad_flag_in_a_real_subprocess_prints_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), "--epochs", "zero"],
+        [sys.executable, "-m", "cifar_lightning", "train", "--epochs", "zero"],
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -201,8 +201,8 @@ def test_the_keras_benchmark_says_how_to_install_keras_when_it_is_missing() -> N
     probe = (
         "import runpy, sys\n"
         "sys.modules['keras'] = None\n"  # as if the optional extra were not installed
-        "sys.argv = ['benchmark_keras.py', '--data-dir', 'nowhere']\n"
-        f"runpy.run_path({str(REPO / 'scripts' / 'benchmark_keras.py')!r}, run_name='__main__')\n"
+        "sys.argv = ['benchmarks.keras', '--data-dir', 'nowhere']\n"
+        "runpy.run_module('benchmarks.keras', run_name='__main__', alter_sys=True)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "pip install -e '.[keras]'" in out.stderr
@@ -212,7 +212,7 @@ def test_the_keras_benchmarks_torch_side_trains_one_epoch_per_turn(tmp_path: Pat
     """The two systems take turns: each child trains an epoch only when told 'go', and stops
     cleanly when its turns run out (the Keras side follows the same wait_turn)."""
     tree = write_imagefolder(tmp_path / "tree", n_train=4, n_test=2)
-    argv = [sys.executable, str(REPO / "scripts" / "benchmark_keras.py"), "--data-dir", str(tree), "--epochs", "3",
+    argv = [sys.executable, "-m", "benchmarks.keras", "--data-dir", str(tree), "--epochs", "3",
             "--batch-size", "8", "--log-dir", str(tmp_path / "logs"), "--system", "ours", "--ours", "accelerator=cpu"]  # fmt: skip
     out = subprocess.run(argv, input="go\ngo\n", capture_output=True, text=True, cwd=REPO, timeout=300)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -13,15 +13,16 @@ import lightning as L
 import pytest
 from conftest import REPO, tiny_train_argv, write_imagefolder
 
-from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
+from cifar_lightning.checkpoint import load_checkpoint
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.images import CLASSES
+from cifar_lightning.module import ImageClassifier
 
 pytestmark = pytest.mark.slow
 
 
 def single_process_metrics(ckpt: Path, tree: Path, stage: str) -> dict[str, float]:
-    module = classifier_from_checkpoint(load_checkpoint(ckpt), ckpt)
+    module = ImageClassifier.from_checkpoint(ckpt)
     dm = CIFAR10DataModule(str(tree), val_size=21, eval_batch_size=4)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     run = trainer.validate if stage == "val" else trainer.test
@@ -37,7 +38,7 @@ def test_two_process_ddp_run_reports_the_single_process_metrics(tmp_path: Path) 
     argv = tiny_train_argv(tree, logs, "--batch-size", "8", "--val-size", "21", "--devices", "2", "--strategy", "ddp",
                            "--log-images-every", "0", epochs=2)  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *argv],
+        [sys.executable, "-m", "cifar_lightning", "train", *argv],
         env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

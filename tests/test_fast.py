@@ -80,7 +80,7 @@ def test_each_preset_resolves_to_a_complete_valid_configuration(preset: str) -> 
     assert cfg.preset == preset
     for key, value in recipes.preset(preset).items():
         assert getattr(cfg, key) == value
-    recipes.check_model_name(cfg)  # raises on an unknown network
+    train.check_before_start(cfg)  # raises on an unknown network
     module = ImageClassifier(
         model=cfg.model, lr=cfg.lr, optimizer=cfg.optimizer, schedule=cfg.schedule, tta=cfg.tta,
         model_args=cfg.model_args(),

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from conftest import write_malicious_checkpoint
 
-from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.errors import CheckpointError
 from cifar_lightning.module import ImageClassifier
@@ -55,7 +54,7 @@ def _save_checkpoint(path: Path, model: ImageClassifier) -> None:
 def test_checkpoint_round_trip_rebuilds_the_network(tmp_path: Path) -> None:
     model = ImageClassifier(class_names=[str(i) for i in range(10)]).eval()
     _save_checkpoint(tmp_path / "m.ckpt", model)
-    again = classifier_from_checkpoint(load_checkpoint(tmp_path / "m.ckpt")).eval()
+    again = ImageClassifier.from_checkpoint(tmp_path / "m.ckpt").eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), again(x))
 
@@ -85,7 +84,7 @@ def test_unusable_checkpoints_raise_one_clear_error(tmp_path: Path, kind: str) -
         ckpt = {"state_dict": good.state_dict(), "hyper_parameters": {**good.hparams, "num_classes": 7}}
         torch.save(ckpt, path)
     with pytest.raises(CheckpointError) as err:
-        classifier_from_checkpoint(load_checkpoint(path), path)
+        ImageClassifier.from_checkpoint(path)
     assert str(path.name) in str(err.value) and "\n" not in str(err.value)
     if kind == "malicious":
         assert "refused to load: it asks to import" in str(err.value)

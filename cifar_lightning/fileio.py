@@ -1,0 +1,165 @@
+"""The one way this project writes a file or a folder, and the checks on where it writes.
+
+Every file the project writes (checkpoints, exports and their metadata, the decoded-image
+cache, reports, run records) goes through ``atomic_write`` or ``atomic_dir``: the bytes go to a
+hidden temporary sibling first and only a complete, checked result replaces the target with
+``os.replace`` (atomic on POSIX and Windows). A kill, a full disk or a failed check never leaves
+a half-written file, nor destroys the one that was there.
+
+Imports nothing heavy: ``--help`` and the config commands load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+from cifar_lightning.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def temp_sibling(path: Path) -> Path:
+    """A hidden name beside ``path`` (same folder, so the final rename never crosses file
+    systems); its suffix is kept because some writers choose the format from it."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+
+
+def is_temp_sibling(path: Path) -> bool:
+    """A file ``temp_sibling`` made, e.g. left behind by a run killed mid-write."""
+    return path.name.startswith(".") and ".tmp-" in path.name
+
+
+def atomic_write(
+    path: str | Path, write: Callable[[Path], None], check: Callable[[Path], T] | None = None, fsync: bool = False
+) -> T | None:
+    """write(tmp); result = check(tmp); then tmp replaces ``path``. Returns check's result.
+
+    ``fsync`` flushes the bytes to disk before the rename (for checkpoints: the file a resumed
+    run needs must survive a power cut, not just a kill)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        result = check(tmp) if check else None
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it: some writers use 0600 temp files
+        os.replace(tmp, path)
+        return result
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def atomic_dir(path: str | Path, write: Callable[[Path], T], replace: bool = False) -> T:
+    """write(tmp_dir) fills a hidden temporary folder, which then becomes ``path``. An empty
+    ``path`` (e.g. one claimed with ``claim_free_dir``) is taken over; a non-empty one is
+    replaced only when ``replace`` is set, and only once the new one is whole."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        result = write(tmp)
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        elif replace and path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)  # fails (FileExistsError/OSError) if someone else took path meanwhile
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def claim_free_dir(base: Path) -> Path:
+    """Create and return base, or base_2, base_3...: the first free one (see ``claim_first``)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    return claim_first(base if n == 1 else base.with_name(f"{base.name}_{n}") for n in itertools.count(1))
+
+
+def claim_first(candidates: Iterable[Path]) -> Path:
+    """Create the first candidate folder that does not exist yet and return it. mkdir is atomic,
+    so two processes started at once never pick (and then replace) the same folder."""
+    for candidate in candidates:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError("no candidate folder was free")  # the candidates given here never end
+
+
+def claim_new_dir(parent: Path, name: str, what: str) -> Path:
+    """Create parent/<name> with the first free N in ``name.format(N)``; mkdir is atomic, so two
+    processes started at once never share (and overwrite) a folder."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        pattern = re.compile(re.escape(name).replace(r"\{\}", r"(\d+)"))
+        taken = [int(m.group(1)) for p in parent.iterdir() if (m := pattern.fullmatch(p.name))]
+    except OSError as e:
+        raise ConfigError(f"{what} {parent}: cannot create or read it ({e.strerror})") from None
+    try:
+        return claim_first(parent / name.format(n) for n in itertools.count(max(taken, default=-1) + 1))
+    except OSError as e:
+        raise ConfigError(f"{what} {parent}: cannot create a folder there ({e.strerror})") from None
+
+
+def _real(path: Path) -> Path:
+    """The path with every symlink and '..' resolved, also when its last parts do not exist yet."""
+    return Path(os.path.realpath(path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # hard links too
+    except OSError:
+        return False
+
+
+def refuse_overlap(out: Path, inputs: dict[str, Path | None], inside: dict[str, Path | None] | None = None) -> None:
+    """An output may not be, or contain, any of ``inputs`` (a user's checkpoint, run or data),
+    nor lie inside any of ``inside`` (e.g. the data dir, where report PNGs would become training
+    images): refused whatever --overwrite says, through any alias (symlinks, '..', hard links)."""
+    target = _real(out)
+    for what, path in inputs.items():
+        if path is not None:
+            p = _real(path)
+            if target == p or target in p.parents or _same_file(out, path):
+                raise ConfigError(f"--out {out}: would overwrite the {what} {path}; choose another path")
+    for what, path in (inside or {}).items():
+        if path is not None and _real(path) in target.parents:
+            raise ConfigError(f"--out {out}: lies inside the {what} {path}; choose a path outside it")
+
+
+def new_file(path: str | Path, overwrite: bool) -> Path:
+    """An output file that may be written: a user's earlier result is replaced only when asked."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {out}: exists; pass --overwrite or choose another path")
+    return out
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
