@@ -18,6 +18,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torchvision.io import decode_jpeg, encode_jpeg
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from cifar_lightning.images import MEAN
 from cifar_lightning.recipes import AUGMENT_DEFAULTS, AUGMENTS
@@ -131,7 +133,6 @@ def random_jpeg(images: torch.Tensor, p: float, qualities: tuple[int, ...] = JPE
     """Re-encode a share p of the (uint8) images as baseline JPEG at a random quality each, with
     torchvision's libjpeg (the same bytes Pillow writes: 4:2:0 chroma). Runs on the CPU; a GPU
     batch makes a round trip for the chosen images only."""
-    from torchvision.io import decode_jpeg, encode_jpeg
 
     images = to_uint8(images)
     idx = _chosen(len(images), p, images.device)
@@ -163,7 +164,6 @@ def random_noise(images: torch.Tensor, p: float, max_sigma: float = NOISE_SIGMA)
 def random_blur(images: torch.Tensor, p: float, sigmas: tuple[float, ...] = BLUR_SIGMAS) -> torch.Tensor:
     """Gaussian-blur a share p of the images, each with a sigma drawn from ``sigmas``
     (torchvision's blur, kernel 2 * ceil(3 sigma) + 1, reflect borders)."""
-    from torchvision.transforms.v2.functional import gaussian_blur
 
     idx = _chosen(len(images), p, images.device)
     if len(idx) == 0:

@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 from cifar_lightning.errors import CheckpointError
 
@@ -59,12 +57,18 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def ece(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Expected calibration error: the one definition (N_BINS equal-width bins, L1)."""
+    # torchmetrics (with the torchvision it loads) takes seconds to import: here, not at the top,
+    # so that predicting with a model file, which never computes an ECE, does not wait for it.
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
     return float(multiclass_calibration_error(probs.float(), labels, probs.shape[1], n_bins=N_BINS, norm="l1"))
 
 
-def ece_metric(num_classes: int) -> torchmetrics.Metric:
+def ece_metric(num_classes: int) -> Any:
     """``ece`` as a torchmetrics metric, for a LightningModule that accumulates it over batches
     (and processes, under DDP): the same bins and norm."""
+    import torchmetrics  # as in ece: the prediction path never loads it
+
     return torchmetrics.classification.MulticlassCalibrationError(num_classes, n_bins=N_BINS, norm="l1")
 
 

@@ -76,12 +76,15 @@ def _duration(seconds: float) -> str:
 def training_flops_per_image(net: torch.nn.Module, device: torch.device | str = "cpu") -> int:
     """FLOPs of one training image, forward and backward (convolutions and matmuls, torch's own
     count), measured on a copy of ``net`` so that its weights, gradients and BatchNorm
-    statistics stay untouched."""
-    probe = copy.deepcopy(net).train()
-    x = torch.randn(2, 3, 32, 32, device=device)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        probe(x).float().logsumexp(-1).sum().backward()
+    statistics stay untouched, and on a forked random generator, so that a seeded or resumed run
+    draws exactly what it would have drawn without it."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = copy.deepcopy(net).train()
+        x = torch.zeros(2, 3, 32, 32, device=device, dtype=next(net.parameters()).dtype)  # 64-true runs too
+        counter = FlopCounterMode(display=False)
+        with counter:
+            probe(x).float().logsumexp(-1).sum().backward()
     return counter.get_total_flops() // 2
 
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.v2.functional import adjust_brightness, adjust_contrast
+from torchvision.transforms.v2.functional import gaussian_blur as blur
 
 #: name -> the parameter of each severity, mildest first (JPEG: four qualities).
 SEVERITIES: dict[str, tuple[float, ...]] = {
@@ -52,19 +54,16 @@ def gaussian_noise(images: torch.Tensor, sigma: float, generator: torch.Generato
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    from torchvision.transforms.v2.functional import gaussian_blur as blur
 
     return blur(images, [2 * math.ceil(3 * sigma) + 1] * 2, [float(sigma)] * 2)
 
 
 def brightness(images: torch.Tensor, factor: float) -> torch.Tensor:
-    from torchvision.transforms.v2.functional import adjust_brightness
 
     return adjust_brightness(images, float(factor))
 
 
 def contrast(images: torch.Tensor, factor: float) -> torch.Tensor:
-    from torchvision.transforms.v2.functional import adjust_contrast
 
     return adjust_contrast(images, float(factor))
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torchvision.datasets import CIFAR10
 
 from cifar_lightning.augment import BatchAugment, alternating_flip
 from cifar_lightning.errors import DataError, ImageError
@@ -266,7 +267,6 @@ def load_imagefolder(data_dir: Path, cache_dir: Path | None = None) -> dict[str,
 def download_cifar10(data_dir: Path) -> None:
     """torchvision's download into data_dir with its MD5 checks (nothing is fetched when the
     files are there and intact); one clear error offline."""
-    from torchvision.datasets import CIFAR10
 
     try:
         CIFAR10(str(data_dir), train=True, download=True)
@@ -279,7 +279,6 @@ def download_cifar10(data_dir: Path) -> None:
 
 
 def load_torchvision_cifar10(data_dir: Path) -> dict[str, Images]:
-    from torchvision.datasets import CIFAR10
 
     out = {}
     for split in ("train", "test"):

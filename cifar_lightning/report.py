@@ -25,6 +25,7 @@ import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from torchmetrics.classification import (  # noqa: E402
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -227,7 +228,6 @@ def read_curves(run_dir: Path | None) -> dict[str, list[tuple[int, float]]]:
     curves: dict[str, list[tuple[int, float]]] = {tag: [] for tag in CURVE_TAGS}
     if run_dir is None or not Path(run_dir).is_dir() or not list(Path(run_dir).glob("events.out.tfevents.*")):
         return curves
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     by_epoch: dict[str, dict[int, float]] = {tag: {} for tag in CURVE_TAGS}
     for events_file in sorted(Path(run_dir).glob("events.out.tfevents.*")):  # several after a resume

@@ -1,15 +1,30 @@
 """Shared test helpers: tiny synthetic CIFAR-10 lookalikes in both source formats, a local fake
-download, the one tiny cifar-train command line, and a malicious checkpoint."""
+download, the one tiny cifar-train command line, the tiny seed run trained once per session,
+and a malicious checkpoint.
+
+Tiers (markers, pyproject.toml): ``unit`` (no Trainer, no subprocess: ``-m unit`` is the quick
+loop), ``train`` (trains tiny runs in-process), ``subprocess`` (runs the commands as a user
+does), ``faults`` (kills, signals, full disks), ``browser`` (headless Chromium) and
+``real_data`` (../shared's CIFAR-10). A test marked with none of them is a ``unit`` test.
+"""
 
 from __future__ import annotations
+
+import os
+
+# Under pytest-xdist, each worker gets its share of the cores (set before torch loads, and
+# inherited by the commands tests start): N workers each running torch on every core would
+# oversubscribe them, and OpenMP threads spin-waiting on a busy core make tiny steps slower.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import functools
 import hashlib
 import http.server
 import io
-import os
 import pickle
 import shlex
+import shutil
 import tarfile
 import threading
 from pathlib import Path
@@ -75,6 +90,41 @@ def train_tiny_run(root: Path, *extra: str, epochs: int = 1) -> tuple[Path, Path
             os.environ["CIFAR_LIGHTNING_CACHE"] = old
     assert code == 0
     return tree, root / "logs" / "version_0"
+
+
+TIERS = ("train", "subprocess", "faults", "browser", "real_data")
+#: module fixtures that train a tiny run: a test that uses one is in the ``train`` tier
+TRAINING_FIXTURES = {"seed_run_once", "world", "trained", "run", "calibrated", "fast_run", "export_dir", "model", "client",
+                     "trained_run", "unbroken"}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS) and TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.train)
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(scope="session")
+def seed_run_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny seed run (1 epoch, 20 validation images, no TensorBoard images), trained ONCE per
+    session: (tree, run dir). Read it, never change it: a test that changes files takes
+    ``copy_of_seed_run``."""
+    return train_tiny_run(tmp_path_factory.mktemp("seed_run"), "--log-images-every", "0")
+
+
+def copy_of_seed_run(seed_run: tuple[Path, Path], dest: Path) -> tuple[Path, Path]:
+    """A private copy of the session's seed run under dest, as if trained there: (tree, run
+    dir); the paths its config.yaml and results.json record name the copy."""
+    tree, run = seed_run
+    root = run.parent.parent
+    shutil.copytree(root, dest, dirs_exist_ok=True)
+    moved = dest / run.relative_to(root)
+    for record in ("config.yaml", "results.json"):
+        path = moved / record
+        path.write_text(path.read_text().replace(str(root), str(dest)))
+    return dest / tree.relative_to(root), moved
 
 
 class MaliciousPayload:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import call, png_bomb, tiny_train_argv, train_tiny_run, write_malicious_checkpoint
+from conftest import call, copy_of_seed_run, png_bomb, tiny_train_argv, train_tiny_run, write_malicious_checkpoint
 from PIL import Image
 
 from cifar_lightning import load_classifier
@@ -23,11 +23,11 @@ from cifar_lightning.images import CLASSES
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def world(tmp_path_factory: pytest.TempPathFactory, seed_run_once: tuple[Path, Path]) -> dict[str, Path]:
     """Good and bad files, made once: a trained seed checkpoint, a fast one, broken trees,
     broken images and checkpoints, a foreign ONNX model."""
     root = tmp_path_factory.mktemp("bad")
-    tree, run = train_tiny_run(root / "seed", "--log-images-every", "0")
+    tree, run = copy_of_seed_run(seed_run_once, root / "seed")
     _, fast_run = train_tiny_run(root / "fast", "--preset", "94", "--widths", "8,16,16", "--tta", "0")
     w: dict[str, Path] = {"root": root, "tree": tree, "ckpt": run / "checkpoints" / "last.ckpt",
                           "fast_ckpt": fast_run / "checkpoints" / "last.ckpt"}  # fmt: skip

@@ -103,6 +103,7 @@ def test_evaluate_reports_ece_before_and_after_with_both_reliability_diagrams(ca
     assert not raw["calibrated"] and raw["ece"] == pytest.approx(results["test_ece_uncalibrated"], abs=1e-5)
 
 
+@pytest.mark.train
 def test_calibrate_none_fits_nothing_and_keeps_the_training_images(tmp_path: Path) -> None:
     _, run = train_tiny_run(tmp_path, "--calibrate", "none", "--log-images-every", "0")
     results = json.loads((run / "results.json").read_text())
@@ -130,6 +131,7 @@ def test_a_damaged_temperature_is_refused_with_one_line(calibrated, tmp_path: Pa
         assert "temperature" in capsys.readouterr().err
 
 
+@pytest.mark.train
 def test_a_resumed_calibrated_run_refits_its_temperature_for_its_new_weights(tmp_path: Path) -> None:
     tree, run = train_tiny_run(tmp_path, "--log-images-every", "0")
     last = run / "checkpoints" / "last.ckpt"
@@ -142,6 +144,7 @@ def test_a_resumed_calibrated_run_refits_its_temperature_for_its_new_weights(tmp
     assert results["calibration"]["temperature"] == load_classifier(results["best_checkpoint"]).temperature
 
 
+@pytest.mark.train
 def test_the_seed_recipe_without_a_validation_split_calibrates_on_held_out_images(tmp_path: Path, capsys) -> None:
     _, run = train_tiny_run(tmp_path, "--val-size", "0", "--log-images-every", "0")
     cal = json.loads((run / "results.json").read_text())["calibration"]

@@ -42,7 +42,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, s
     return tree, logs, proc
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_run_writes_checkpoints_tensorboard_events_and_true_results(trained_run) -> None:
     tree, logs, proc = trained_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,7 +66,7 @@ def test_cli_run_writes_checkpoints_tensorboard_events_and_true_results(trained_
     assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 1
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_checkpoint_loads_with_weights_only_and_plain_hyperparameters(trained_run) -> None:
     _, logs, _ = trained_run
     ckpt = torch.load(logs / "version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
@@ -75,7 +75,7 @@ def test_checkpoint_loads_with_weights_only_and_plain_hyperparameters(trained_ru
     assert all(isinstance(v, (str, int, float, bool, list, type(None))) for v in hp.values())
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_init_from_starts_a_new_run_from_those_weights_and_leaves_the_old_run_alone(trained_run) -> None:
     tree, logs, _ = trained_run
     source = logs / "version_0/checkpoints/last.ckpt"
@@ -92,7 +92,7 @@ def test_init_from_starts_a_new_run_from_those_weights_and_leaves_the_old_run_al
     assert yaml.safe_load((logs / new / "config.yaml").read_text())["augment"] == "seed"
 
 
-@pytest.mark.slow
+@pytest.mark.train
 def test_resume_last_continues_the_same_run_without_repeating_epochs(imagefolder: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     assert run_train(tiny_train_argv(imagefolder, logs)) == 0
@@ -166,7 +166,7 @@ def test_bad_inputs_give_one_clean_error_line(imagefolder: Path, tmp_path: Path,
     assert not list(logs.glob("version_*"))
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_bad_flag_in_a_real_subprocess_prints_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "cifar_lightning", "train", "--epochs", "zero"],
@@ -176,6 +176,7 @@ def test_a_bad_flag_in_a_real_subprocess_prints_no_traceback(tmp_path: Path) -> 
     assert proc.stderr.strip().count("\n") == 0 and "--epochs" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.train
 def test_last_checkpoint_is_the_latest_epoch_even_when_validation_stops_improving(imagefolder: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     # lr so small that val_acc never improves after the first epoch
@@ -187,7 +188,7 @@ def test_last_checkpoint_is_the_latest_epoch_even_when_validation_stops_improvin
     assert torch.load(best, map_location="cpu", weights_only=True)["epoch"] == 0
 
 
-@pytest.mark.slow
+@pytest.mark.train
 def test_a_refit_run_can_itself_be_resumed(imagefolder: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     assert run_train(tiny_train_argv(imagefolder, logs)) == 0
@@ -197,6 +198,7 @@ def test_a_refit_run_can_itself_be_resumed(imagefolder: Path, tmp_path: Path) ->
     assert results["epochs_run"] == 2 and results["config"]["init_from"].endswith("version_0/checkpoints/last.ckpt")
 
 
+@pytest.mark.subprocess
 def test_the_keras_benchmark_says_how_to_install_keras_when_it_is_missing() -> None:
     probe = (
         "import runpy, sys\n"
@@ -208,6 +210,7 @@ def test_the_keras_benchmark_says_how_to_install_keras_when_it_is_missing() -> N
     assert out.returncode == 2 and "pip install -e '.[keras]'" in out.stderr
 
 
+@pytest.mark.subprocess
 def test_the_keras_benchmarks_torch_side_trains_one_epoch_per_turn(tmp_path: Path) -> None:
     """The two systems take turns: each child trains an epoch only when told 'go', and stops
     cleanly when its turns run out (the Keras side follows the same wait_turn)."""
@@ -221,6 +224,7 @@ def test_the_keras_benchmarks_torch_side_trains_one_epoch_per_turn(tmp_path: Pat
     assert all(r["seconds"] > 0 and 0 <= r["test_acc"] <= 1 for r in rows)
 
 
+@pytest.mark.train
 def test_a_run_trains_with_the_alternating_flip_and_refuses_it_without_crop_flip_augmentation(tmp_path: Path) -> None:
     tree = write_imagefolder(tmp_path / "tree", n_train=4, n_test=2)
     argv = tiny_train_argv(tree, tmp_path / "logs", "--augment", "standard", "--alternate-flip", epochs=2)

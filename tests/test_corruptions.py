@@ -111,6 +111,7 @@ def test_robust_augmentation_is_seeded_uint8_and_uses_real_jpeg() -> None:
     assert float(blurred.float().diff(dim=-1).abs().mean()) < float(x.float().diff(dim=-1).abs().mean())
 
 
+@pytest.mark.train
 def test_evaluate_corruptions_writes_the_table_the_heatmap_and_metrics(tmp_path: Path, capsys) -> None:
     tree, run = train_tiny_run(tmp_path, "--log-images-every", "0")
     out = tmp_path / "report"

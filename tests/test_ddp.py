@@ -18,7 +18,7 @@ from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.images import CLASSES
 from cifar_lightning.module import ImageClassifier
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.subprocess
 
 
 def single_process_metrics(ckpt: Path, tree: Path, stage: str) -> dict[str, float]:

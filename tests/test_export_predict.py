@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import call, train_tiny_run, write_malicious_checkpoint
+from conftest import call, copy_of_seed_run, write_malicious_checkpoint
 from PIL import Image
 
 from cifar_lightning import load_classifier
@@ -21,10 +21,10 @@ from cifar_lightning.inference import as_uint8_batch
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 1-epoch tiny run, exported to every format."""
+def trained(tmp_path_factory: pytest.TempPathFactory, seed_run_once: tuple[Path, Path]) -> dict[str, Path]:
+    """The session's 1-epoch tiny run (a copy), exported to every format."""
     root = tmp_path_factory.mktemp("export")
-    tree, run_dir = train_tiny_run(root, "--log-images-every", "0")
+    tree, run_dir = copy_of_seed_run(seed_run_once, root)
     (ckpt,) = (run_dir / "checkpoints").glob("best-*.ckpt")
     paths = {"tree": tree, "ckpt": ckpt, "root": root, "run": run_dir}
     for fmt in ("safetensors", "onnx", "torchscript"):

@@ -105,7 +105,7 @@ def test_bad_preset_flags_exit_2_with_one_line(bad: list[str], capsys: pytest.Ca
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-@pytest.mark.slow
+@pytest.mark.train
 def test_fast_run_whitens_once_and_a_resume_keeps_it(tmp_path: Path) -> None:
     tree, run = train_tiny_run(tmp_path, "--preset", "94", "--epochs", "1", "--val-size", "20", "--widths", "8,16,16")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -134,6 +134,7 @@ def test_a_refit_or_resume_keeps_the_recipe_of_the_run_it_starts_from(tmp_path: 
     assert cli.resolve_train_config(["--init-from", ckpt]).widths == [32, 128, 128]
 
 
+@pytest.mark.train
 def test_lookahead_ends_on_its_slow_copy_and_saves_it_for_a_resume(tmp_path: Path) -> None:
     _, run = train_tiny_run(tmp_path, "--preset", "94", "--widths", "8,16,16", "--lookahead", "--epochs", "2")
     ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
@@ -182,6 +183,7 @@ def test_a_depth_3_group_adds_its_residual_pair_to_the_pooled_activation() -> No
         models.build("fast", depth=4)
 
 
+@pytest.mark.train
 def test_a_96_run_trains_and_its_checkpoint_loads_back_as_the_same_network(tmp_path: Path) -> None:
     from cifar_lightning.inference import load_classifier
 
@@ -202,6 +204,7 @@ def test_bad_depth_and_cutout_flags_exit_2_with_one_line(bad: list[str], capsys:
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
+@pytest.mark.train
 def test_the_schedule_counts_the_steps_lightning_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The triangle schedule's length is counted without trainer.estimated_stepping_batches (which
     would lose a resumed run's loader position); it must still be the number of steps trained."""

@@ -22,7 +22,7 @@ from conftest import REPO, tiny_train_argv, write_imagefolder
 
 from cifar_lightning.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.faults
 
 # Runs cifar-train; PAUSE_AT=train:N|val:N|save:N makes the N-th training step, validation
 # batch or checkpoint write announce itself in MARKER and sleep, so the test can kill it there.

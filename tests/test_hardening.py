@@ -12,19 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, call, png_bomb, tiny_train_argv, train_tiny_run
+from conftest import REPO, call, copy_of_seed_run, png_bomb, tiny_train_argv
 
 from cifar_lightning import load_classifier
 from cifar_lightning.cli import evaluate_main, export_main, predict_main, train_main
 from cifar_lightning.errors import ModelError
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def run(tmp_path_factory: pytest.TempPathFactory, seed_run_once: tuple[Path, Path]) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hard")
-    tree, run_dir = train_tiny_run(root, "--log-images-every", "0")
+    tree, run_dir = copy_of_seed_run(seed_run_once, root)
     return {"root": root, "tree": tree, "run": run_dir, "ckpt": run_dir / "checkpoints" / "last.ckpt",
             "good": next((tree / "test" / "cat").iterdir()), "good2": next((tree / "test" / "dog").iterdir())}  # fmt: skip
 
@@ -55,6 +54,7 @@ def test_a_decompression_bomb_in_a_training_folder_is_named(run, tmp_path: Path,
     assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").glob("version_*"))
 
 
+@pytest.mark.subprocess
 def test_a_huge_jpeg_decodes_in_bounded_memory(tmp_path: Path) -> None:
     big = tmp_path / "big.jpg"
     subprocess.run([sys.executable, "-c", f"from PIL import Image; Image.new('RGB', (9000, 9000), (200, 30, 40)).save({str(big)!r})"],

@@ -42,7 +42,7 @@ def _evaluate(model: Path, tree: Path, out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-@pytest.mark.slow
+@pytest.mark.train
 def test_a_checkpoint_and_its_exports_score_the_same_with_their_test_time_views(fast_run, tmp_path: Path) -> None:
     results = json.loads((fast_run["run"] / "results.json").read_text())
     ckpt = _evaluate(fast_run["ckpt"], fast_run["tree"], tmp_path / "ckpt")
@@ -59,7 +59,7 @@ def test_a_checkpoint_and_its_exports_score_the_same_with_their_test_time_views(
     assert plain["tta"] == 0 and plain["test_accuracy"] is None
 
 
-@pytest.mark.slow
+@pytest.mark.train
 def test_predict_load_classifier_and_every_export_give_the_same_probabilities(fast_run) -> None:
     files = sorted((fast_run["tree"] / "test").rglob("*.png"))
     ref_classes, ref = load_classifier(fast_run["ckpt"]).predict(files)
@@ -108,7 +108,7 @@ def test_every_preset_is_a_yaml_file_in_the_package() -> None:
         assert recipes.read_yaml(path) == recipes.preset(name)
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_help_loads_neither_torch_nor_lightning_and_python_m_runs_each_command() -> None:
     probe = (
         "import sys\n"
@@ -127,7 +127,7 @@ def test_help_loads_neither_torch_nor_lightning_and_python_m_runs_each_command()
     assert proc.returncode == 2 and "usage" in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_predicting_with_an_onnx_export_never_loads_lightning(fast_run) -> None:
     image = sorted((fast_run["tree"] / "test").rglob("*.png"))[0]
     probe = (
@@ -140,7 +140,7 @@ def test_predicting_with_an_onnx_export_never_loads_lightning(fast_run) -> None:
     assert out.strip().splitlines()[-1] == "CLEAN 0"
 
 
-@pytest.mark.slow
+@pytest.mark.train
 def test_a_default_run_logs_test_images_the_lr_per_step_and_its_versions(fast_run, capsys) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

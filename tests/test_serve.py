@@ -19,7 +19,7 @@ from PIL import Image
 from cifar_lightning import load_classifier
 from cifar_lightning.cli import export_main, serve_main
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.subprocess  # servers in child processes; the model fixture trains
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +125,9 @@ def test_a_real_browser_uploads_an_image_and_reads_the_class(model, tmp_path: Pa
         pytest.skip("Chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    from cifar_lightning.serve import launch
+    from benchmarks.harness import launch_server
 
-    server, url = launch(model["onnx"], cwd=REPO)
+    server, url = launch_server(model["onnx"], cwd=REPO)
     try:
         expected = load_classifier(model["onnx"]).predict([model["image"]])[0][0]
         with sync_playwright() as p:
