@@ -19,7 +19,6 @@ from cifar_lightning.cli import evaluate_main, export_main, predict_main, train_
 from cifar_lightning.errors import ModelError
 
 
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, seed_run_once: tuple[Path, Path]) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hard")
