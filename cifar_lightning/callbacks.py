@@ -120,10 +120,11 @@ class RunEstimate(L.Callback):
         if len(self._times) < self.timed_steps + 1:
             return
         step = statistics.median(self._times[1:])
-        left = max(int(pl_module.total_steps()) - trainer.global_step, 0)
-        self.estimate_seconds = step * left
-        line = (f"estimate: {left} more steps at {step:.2f} s a step, about {_duration(self.estimate_seconds)} of training "
-                "on this machine (measured on its first steps)")  # fmt: skip
+        total = int(pl_module.total_steps())
+        self.estimate_seconds = step * total
+        left = step * max(total - trainer.global_step, 0)
+        line = (f"estimate: {total} steps at {step:.2f} s a step ({trainer.precision}, measured on the first steps here): "
+                f"about {_duration(self.estimate_seconds)} of training in all, {_duration(left)} of it left")  # fmt: skip
         if self.estimate_seconds > self.long_seconds and self.faster_preset:
             line += f"; for a quicker run try --preset {self.faster_preset}"
         print(line, flush=True)

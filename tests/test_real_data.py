@@ -54,7 +54,7 @@ def test_fast_network_one_epoch_on_5000_real_images_beats_a_floor(tmp_path: Path
     code = train_main([
         "--data-dir", str(REAL_DATA), "--preset", "94", "--epochs", "1", "--limit-train-images", "5000",
         "--val-size", "5000", "--batch-size", "256", "--log-dir", str(tmp_path / "logs"), "--accelerator", "cpu",
-        "--no-progress-bar", "--tta", "0", "--calibrate", "none",
+        "--no-progress-bar", "--tta", "0",
     ])  # fmt: skip
     assert code == 0
     results = json.loads((tmp_path / "logs/version_0/results.json").read_text())
