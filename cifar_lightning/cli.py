@@ -1,14 +1,9 @@
-"""Command-line entry points: parsers, the call into the package, errors -> exit statuses.
+"""Command-line entry points: each parses its flags and hands over to the module that does the
+work; ``errors.exit_status`` maps what it raises to an exit status. ``--help`` reads no torch,
+numpy, PIL or Lightning, so each body's module is imported inside its function.
 
-    cifar-train --data-dir ../shared/data/cifar10                  # the default recipe (--preset 94)
     cifar-train --preset seed --print-config > my.yaml             # a recipe to read and edit
     cifar-evaluate lightning_logs/version_0/checkpoints/last.ckpt
-
-This module parses and hands over; each command's body lives with what it acts on, and
-``errors.exit_status`` maps what it raises to an exit status (0 done; 2 a user error: one
-line; 1 a failure; 128+N stopped by signal N after saving a checkpoint). Nothing heavy is
-imported at load time: ``--help`` reads no torch, numpy, PIL or Lightning, so each body's module
-is imported inside its function.
 """
 
 from __future__ import annotations
