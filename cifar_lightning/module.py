@@ -235,7 +235,7 @@ class ImageClassifier(L.LightningModule):
         if norm:
             params.append({"params": norm, "lr": hp.lr * scale, "weight_decay": hp.weight_decay / scale})
         # One fused kernel per step instead of a chain of foreach ops: the same update, about
-        # 12% off the seed network's CPU step (scripts/seed_step.py: its 2M-weight dense layer); same state_dict.
+        # 12% off the seed network's CPU step (research/seed_step.py: its 2M-weight dense layer); same state_dict.
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
         if hp.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, **fused)

@@ -1,25 +1,25 @@
 """Training benchmarks for this machine, each measured in one run against its own reference.
-Prints figures; asserts nothing.
+Prints figures; asserts nothing. From the repository root:
 
-    python scripts/benchmark.py throughput                    # img/s and GFLOP/s per network vs this machine's matmul peak
-    python scripts/benchmark.py pipeline                      # an epoch fed by the data module vs steps on in-memory tensors
-    python scripts/benchmark.py time-to-accuracy --out docs/benchmark   # each preset (and the seed recipe): accuracy vs wall time
-    python scripts/benchmark.py time-to-accuracy --recipes 94 --seeds 4 5 6 7 --out docs/benchmark --append  # more seeds, one recipe
-    python scripts/benchmark.py step --recipes 94,96                   # one bf16 step: profiler breakdown, convolutions alone
-    python scripts/benchmark.py all --out docs/benchmark
-    python scripts/benchmark.py replot --out docs/benchmark           # redraw the plot from its CSV
+    python -m benchmarks.training throughput                  # img/s and GFLOP/s per network vs this machine's kernel peaks
+    python -m benchmarks.training pipeline                    # an epoch fed by the data module vs steps on in-memory tensors
+    python -m benchmarks.training time-to-accuracy --out docs/benchmark   # each preset (and the seed recipe): accuracy vs wall time
+    python -m benchmarks.training time-to-accuracy --recipes 94 --seeds 4 5 6 7 --out docs/benchmark --append  # more seeds, one recipe
+    python -m benchmarks.training step --recipes 94,96        # one training step: profiler breakdown, convolutions alone
+    python -m benchmarks.training all --out docs/benchmark
+    python -m benchmarks.training replot --out docs/benchmark # redraw the plot from its CSV
 
-Common flags: --data-dir (default ../shared/data/cifar10), --precision auto|32-true|bf16-mixed.
+Common flags: --data-dir (default ../shared/data/cifar10), --precision auto|32-true|bf16-mixed (auto: what
+cifar-train trains in here, bf16-mixed only where the CPU runs bf16 natively). Every wall time is also
+given normalised by the 3x3 conv reference rate in that precision (benchmarks/harness.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,66 +29,24 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.harness import (
+    DEFAULT_DATA,
+    autocast,
+    best_seconds,
+    call_times,
+    device_for,
+    dtype_of,
+    machine,
+    machine_peaks,
+    normalised,
+    precision_name,
+    rate_label,
+    reference_rate,
+)
 from cifar_lightning import recipes, train
-from cifar_lightning.data import CIFAR10DataModule
+from cifar_lightning.data import CIFAR10DataModule, load_splits
 from cifar_lightning.images import normalize
 from cifar_lightning.models import MODELS, build
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {dt.date.today().isoformat()}"
-
-
-def autocast(precision: str) -> torch.autocast:
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-
-
-def _best_seconds(fn, reps: int = 5) -> float:  # noqa: ANN001
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def machine_peaks(dtype: torch.dtype) -> dict[str, float]:
-    """GFLOP/s of three dense kernels, each the best of 5: torch.mm (BLAS; on AMD CPUs MKL does
-    not reach the vector units' peak), the same GEMM through oneDNN (a 1x1 convolution) and a
-    large 3x3 convolution. The highest is the reference that training is compared with."""
-    n = 4096
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    x = torch.randn(32, 1024, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    w1 = torch.randn(1024, 1024, 1, 1, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    y = torch.randn(64, 256, 16, 16, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    w3 = torch.randn(256, 256, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    return {
-        "torch.mm 4096^2": 2 * n**3 / _best_seconds(lambda: a @ b) / 1e9,
-        "oneDNN GEMM (1x1 conv)": 2 * 32 * 1024 * 1024 * 1024 / _best_seconds(lambda: F.conv2d(x, w1)) / 1e9,
-        "oneDNN 3x3 conv 256ch": 2 * 64 * 256 * 256 * 9 * 256 / _best_seconds(lambda: F.conv2d(y, w3, padding=1)) / 1e9,
-    }
-
-
-def bf16_conv_rate() -> float:
-    """The reference every wall time is normalised by: GFLOP/s of a large bf16 3x3 convolution,
-    measured now (normalised s = raw s x rate / 1000 GFLOP/s)."""
-    return machine_peaks(torch.bfloat16)["oneDNN 3x3 conv 256ch"]
-
-
-def normalised(seconds: float, rate: float) -> float:
-    return seconds * rate / 1000.0
 
 
 def network_for(recipe: str) -> tuple[torch.nn.Module, int]:
@@ -122,13 +80,18 @@ def training_flops(net: torch.nn.Module, batch: int) -> int:
 
 
 def bench_throughput(args: argparse.Namespace) -> list[dict]:
-    precisions = ["32-true", "bf16-mixed"] if train.resolve_precision("auto", "cpu") == "bf16-mixed" else ["32-true"]
+    """Training steps per network on in-memory batches, in fp32 and, where the CPU runs bf16
+    natively (where cifar-train would use it), in bf16 too; --precision picks one."""
+    if args.precision != "auto":
+        precisions = [args.precision]
+    else:
+        precisions = ["32-true", "bf16-mixed"] if train.resolve_precision("auto", "cpu") == "bf16-mixed" else ["32-true"]
     print(f"\n== training-step throughput ({machine()})")
     peaks = {}
     for p in precisions:
-        kernels = machine_peaks(torch.bfloat16 if p == "bf16-mixed" else torch.float32)
+        kernels = machine_peaks(p)
         for name, v in kernels.items():
-            print(f"peak, {p:<10} {name:<24}: {v:7.1f} GFLOP/s")
+            print(f"peak, {p:<10} {name:<24}: {v:7.1f} GFLOP/s ({precision_name(p)})")
         peaks[p] = max(kernels.values())
     print("(efficiency below: against the highest of these, per precision)")
     rows = []
@@ -140,13 +103,9 @@ def bench_throughput(args: argparse.Namespace) -> list[dict]:
         x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
         for p in precisions:
             step = train_step_fn(net, batch, p)
-            for _ in range(2):
-                step(x, y)
-            n, start = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - start) < args.seconds or n < 3:
-                step(x, y)
-                n += 1
-            ips = n * batch / elapsed
+            step(x, y)  # the first step builds the optimiser's state; Timer warms up once more
+            seconds = call_times(lambda: step(x, y), args.seconds, min_blocks=3)  # noqa: B023
+            ips = batch / (sum(seconds) / len(seconds))
             gflops = ips * flops / 1e9
             rows.append({"network": label, "batch": batch, "precision": p, "images_per_s": ips, "gflop_per_image": flops / 1e9,
                          "gflop_per_s": gflops, "peak_gflop_per_s": peaks[p], "efficiency": gflops / peaks[p]})  # fmt: skip
@@ -158,63 +117,68 @@ def bench_throughput(args: argparse.Namespace) -> list[dict]:
 #: torch.profiler op names -> the part of a step they belong to (self time; the rest is "other")
 STEP_PARTS = {"convolution_backward": "convolutions, backward", "mkldnn_convolution": "convolutions, forward",
               "max_pool2d": "max-pooling (forward, backward)", "fill_": "max-pooling (forward, backward)",
-              "batch_norm": "batch norm (forward, backward)", "gelu": "GELU (forward, backward)"}  # fmt: skip
+              "batch_norm": "batch norm (forward, backward)", "gelu": "GELU (forward, backward)",
+              "slow_conv2d_forward": "convolutions, forward", "slow_conv2d_backward": "convolutions, backward"}  # fmt: skip
 
 
-def conv_calls(net: torch.nn.Module, x: torch.Tensor) -> list[tuple]:
+def conv_calls(net: torch.nn.Module, x: torch.Tensor, precision: str) -> list[tuple]:
     """(input shape, conv module, input needs a gradient) for every convolution a forward pass runs."""
     calls = []
     hooks = [m.register_forward_hook(lambda m, i, o: calls.append((tuple(i[0].shape), m, i[0].requires_grad)))
              for m in net.modules() if isinstance(m, torch.nn.Conv2d)]  # fmt: skip
-    with autocast("bf16-mixed"):
+    with autocast(precision):
         net(x)
     for h in hooks:
         h.remove()
     return calls
 
 
-def convolutions_alone(net: torch.nn.Module, batch: int) -> list[dict]:
-    """The step's convolutions by themselves, each shape timed on its own in bf16, channels-last:
-    forward, then backward split into its input gradient and its weight gradient (only those the
-    step needs). Their sum is what the step would take if pooling, batch norm, GELU and the
-    optimiser cost nothing."""
+def convolutions_alone(net: torch.nn.Module, batch: int, precision: str) -> list[dict]:
+    """The step's convolutions by themselves, each shape timed on its own in the dtype the step
+    computes them in (bf16 under bf16-mixed, else fp32), channels-last: forward, then backward
+    split into its input gradient and its weight gradient (only those the step needs). Their sum
+    is what the step would take if pooling, batch norm, GELU and the optimiser cost nothing."""
     rows = []
-    cl = torch.channels_last
-    for shape, conv, needs_input_grad in conv_calls(net, torch.randn(batch, 3, 32, 32).contiguous(memory_format=cl)):
-        x = torch.randn(shape, dtype=torch.bfloat16).contiguous(memory_format=cl)
-        w = conv.weight.detach().to(torch.bfloat16).contiguous(memory_format=cl)
+    cl, dtype = torch.channels_last, dtype_of(precision)
+    for shape, conv, needs_input_grad in conv_calls(net, torch.randn(batch, 3, 32, 32).contiguous(memory_format=cl), precision):
+        x = torch.randn(shape, dtype=dtype).contiguous(memory_format=cl)
+        w = conv.weight.detach().to(dtype).contiguous(memory_format=cl)
         y = F.conv2d(x, w, None, conv.stride, conv.padding)
         g = torch.randn_like(y)
 
         def backward(mask: list[bool]) -> float:
             if not any(mask):
                 return 0.0
-            return _best_seconds(lambda: torch.ops.aten.convolution_backward(g, x, w, None, list(conv.stride), list(conv.padding),  # noqa: B023
+            return best_seconds(lambda: torch.ops.aten.convolution_backward(g, x, w, None, list(conv.stride), list(conv.padding),  # noqa: B023
                                                                          [1, 1], False, [0, 0], 1, mask), reps=3)  # noqa: B023
 
         flops = 2 * y.numel() * w[0].numel()
         rows.append({"input": list(shape), "out_channels": w.shape[0], "gflop_forward": flops / 1e9,
-                     "forward_s": _best_seconds(lambda: F.conv2d(x, w, None, conv.stride, conv.padding), reps=3),  # noqa: B023
+                     "forward_s": best_seconds(lambda: F.conv2d(x, w, None, conv.stride, conv.padding), reps=3),  # noqa: B023
                      "input_grad_s": backward([needs_input_grad, False, False]),
                      "weight_grad_s": backward([False, conv.weight.requires_grad, False])})  # fmt: skip
     return rows
 
 
 def bench_step(args: argparse.Namespace) -> list[dict]:
-    """One bf16 training step of each preset's network at its batch size: its time against the
-    conv reference, where the time goes (torch.profiler, self time by part), and the same step's
-    convolutions timed alone, the ceiling on what a cheaper pooling/BN/GELU could give."""
+    """One training step of each preset's network at its batch size, in the precision it trains
+    in here (bf16-mixed where the CPU runs bf16 natively, else 32-true; --precision forces one):
+    its time against the conv reference in that precision, where the time goes (torch.profiler,
+    self time by part), and the same step's convolutions timed alone, the ceiling on what a
+    cheaper pooling/BN/GELU could give."""
     from torch.profiler import ProfilerActivity, profile
 
-    print(f"\n== one training step, bf16 ({machine()})")
+    precision = train.resolve_precision(args.precision, "cpu")
+    name = precision_name(precision)
+    print(f"\n== one training step, {name} ({precision}; {machine()})")
     rows = []
     for recipe in args.recipes.split(","):
         net, batch = network_for(recipe)
         flops = training_flops(net, batch)
-        step = train_step_fn(net, batch, "bf16-mixed")
+        step = train_step_fn(net, batch, precision)
         x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-        before = bf16_conv_rate()
-        seconds = _best_seconds(lambda: step(x, y), reps=4)  # noqa: B023
+        before = reference_rate(precision)
+        seconds = best_seconds(lambda: step(x, y), reps=4)  # noqa: B023
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(2):
                 step(x, y)
@@ -223,16 +187,17 @@ def bench_step(args: argparse.Namespace) -> list[dict]:
             part = next((v for k, v in STEP_PARTS.items() if k in e.key), "other")
             parts[part] = parts.get(part, 0.0) + e.self_cpu_time_total
         total = sum(parts.values())
-        shapes = convolutions_alone(net, batch)
+        shapes = convolutions_alone(net, batch, precision)
         convs = sum(r["forward_s"] + r["input_grad_s"] + r["weight_grad_s"] for r in shapes)
-        rate = (before + bf16_conv_rate()) / 2
-        row = {"recipe": recipe, "batch": batch, "step_s": seconds, "gflop": flops / 1e9, "conv_gflops": rate,
+        rate = (before + reference_rate(precision)) / 2
+        row = {"recipe": recipe, "batch": batch, "precision": precision, "step_s": seconds, "gflop": flops / 1e9, "conv_gflops": rate,
                "step_efficiency": flops / seconds / 1e9 / rate, "convolutions_alone_s": convs,
                "convolutions_alone_efficiency": flops / convs / 1e9 / rate, "convolutions": shapes,
                "breakdown": {k: v / total for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}}  # fmt: skip
         rows.append(row)
         print(f"preset {recipe}, batch {batch}: {seconds * 1e3:.0f} ms per step ({normalised(seconds, rate) * 1e3:.0f} ms normalised), "
-              f"{flops / seconds / 1e9:.0f} GFLOP/s = {row['step_efficiency']:.1%} of the bf16 3x3 conv rate ({rate:.0f} GFLOP/s)")
+              f"{flops / seconds / 1e9:.0f} GFLOP/s = {row['step_efficiency']:.1%} of the conv rate ({rate_label(precision, rate)}, "
+              "mean of before and after)")
         print(f"  its convolutions alone (forward + backward, each shape timed by itself): {convs * 1e3:.0f} ms, "
               f"{row['convolutions_alone_efficiency']:.1%} of the conv rate: the ceiling with free pooling, BN and GELU")
         for k, v in row["breakdown"].items():
@@ -311,7 +276,7 @@ class EpochProbe(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         correct = 0
-        with torch.inference_mode(), autocast("bf16-mixed" if "bf16" in str(trainer.precision) else "32-true"):
+        with torch.inference_mode(), autocast(str(trainer.precision)):
             for i in range(0, len(self.labels), 1000):
                 x = normalize(self.images[i : i + 1000]).to(pl_module.device)
                 correct += int((pl_module.tta_logits(x).argmax(-1).cpu() == self.labels[i : i + 1000]).sum())
@@ -325,10 +290,10 @@ class EpochProbe(L.Callback):
 
 
 def bench_time_to_accuracy(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    """Each recipe and seed through ``train.run_training``, alone on the machine, the bf16 conv
-    rate measured right before and right after it: (per-epoch rows, one row per finished run)."""
-    dm = CIFAR10DataModule(str(args.data_dir))
-    dm.setup("test")
+    """Each recipe and seed through ``train.run_training``, alone on the machine, the conv rate in
+    the run's precision measured right before and right after it: (per-epoch rows, one row per
+    finished run)."""
+    test = load_splits(args.data_dir)["test"]
     rows, runs = [], []
     for recipe in args.recipes.split(","):
         for seed in args.seeds:
@@ -341,20 +306,24 @@ def bench_time_to_accuracy(args: argparse.Namespace) -> tuple[list[dict], list[d
             cfg = recipes.build(given)
             argv = " ".join(f"{recipes.flag(k)} {v}" for k, v in given.items())
             print(f"\n== time to accuracy: cifar-train {argv}", flush=True)
-            before = bf16_conv_rate()
-            probe = EpochProbe(dm.test_set.images, dm.test_set.labels)
+            precision = train.resolve_precision(cfg.precision, cfg.accelerator)
+            device = device_for(cfg.accelerator)
+            before = reference_rate(precision, device)
+            probe = EpochProbe(test.images, test.labels)
             result = train.run_training(cfg, callbacks=[probe])
-            rate = (before + bf16_conv_rate()) / 2
+            rate = (before + reference_rate(precision, device)) / 2
             for r in probe.rows:
-                rows.append({"recipe": recipe, "seed": seed, **r, "norm_s": round(normalised(r["wall_s"], rate), 1)})
+                rows.append({"recipe": recipe, "seed": seed, **r, "norm_s": round(normalised(r["wall_s"], rate), 1),
+                             "precision": precision})  # fmt: skip
             # The run's own wall time, less the probe's test passes (a plain cifar-train run has none).
             wall = result["wall_seconds"] - probe.own
             runs.append({"recipe": recipe, "seed": seed, "epochs": cfg.epochs, "test_acc": result["test_acc"],
                          "test_ece": result["test_ece"], "test_ece_uncalibrated": result["test_ece_uncalibrated"],
-                         "wall_s": round(wall, 1), "conv_gflops": round(rate), "norm_s": round(normalised(wall, rate), 1),
+                         "wall_s": round(wall, 1), "precision": precision, "conv_gflops": round(rate),
+                         "norm_s": round(normalised(wall, rate), 1),
                          "run_dir": result["run_dir"]})  # fmt: skip
             print(f"{recipe} seed {seed}: test accuracy {result['test_acc']:.4f}, wall {wall:.1f} s raw, "
-                  f"{normalised(wall, rate):.0f} s normalised (bf16 conv {rate:.0f} GFLOP/s; probe time "
+                  f"{normalised(wall, rate):.0f} s normalised ({rate_label(precision, rate)}; probe time "
                   f"{probe.own:.1f} s excluded)", flush=True)  # fmt: skip
     return rows, runs
 
@@ -376,8 +345,10 @@ def plot_time_to_accuracy(rows: list[dict], path: Path) -> None:
     for target in (90, 93, 94, 95):
         ax.axhline(target, color="grey", lw=0.6, ls=":")
     ax.set_xscale("log")
+    # Rows written before the CSV had a precision column were all measured in bf16.
+    names = "/".join(dict.fromkeys(precision_name(r.get("precision") or "bf16-mixed") for r in rows))
     ax.set_xlabel("normalised wall time of the cifar-train run, minutes\n"
-                  "(raw time x bf16 3x3 conv GFLOP/s / 1000, measured in the same run)")
+                  f"(raw time x {names} 3x3 conv GFLOP/s / 1000, in the run's precision, measured in the same run)")
     ax.set_ylabel("test accuracy after the epoch, %")
     ax.set_ylim(30, 97)
     ax.grid(alpha=0.3, which="both")
@@ -404,7 +375,8 @@ def main() -> None:
     p.add_argument("what", choices=("throughput", "pipeline", "time-to-accuracy", "step", "all", "replot"),
                    help="replot: redraw OUT/time_to_accuracy.png from its CSV")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--precision", default="auto", choices=("auto", "32-true", "bf16-mixed"))
+    p.add_argument("--precision", default="auto", choices=("auto", "32-true", "bf16-mixed"),
+                   help="auto: what cifar-train trains in here (bf16-mixed only where the CPU runs bf16 natively, else 32-true)")
     p.add_argument("--seconds", type=float, default=15.0, help="timing per throughput measurement")
     p.add_argument("--pipeline-steps", type=int, default=15)
     p.add_argument("--pipeline-repeats", type=int, default=3)
@@ -420,7 +392,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     train.quiet_lightning()
-    results: dict = {"machine": machine(), "cpu_count": os.cpu_count()}
+    results: dict = {"machine": machine(), "cpu_count": os.cpu_count(), "precision": train.resolve_precision(args.precision, "cpu")}
     if args.what in ("throughput", "all"):
         results["throughput"] = bench_throughput(args)
     if args.what in ("pipeline", "all"):
@@ -440,11 +412,11 @@ def main() -> None:
         print("\nrecipe  seed  epochs  test_acc  wall_s raw  normalised  conv GFLOP/s")
         for r in runs:
             print(f"{r['recipe']:<7} {r['seed']:>4} {r['epochs']:>7}  {r['test_acc']:.4f}  {r['wall_s']:10.1f}  "
-                  f"{r['norm_s']:10.0f}  {r['conv_gflops']:>12}")
+                  f"{r['norm_s']:10.0f}  {r['conv_gflops']:>7} {precision_name(r.get('precision') or 'bf16-mixed')}")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             with open(args.out / "time_to_accuracy.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=["recipe", "seed", "epoch", "wall_s", "norm_s", "val_acc", "test_acc"])
+                w = csv.DictWriter(f, fieldnames=["recipe", "seed", "epoch", "wall_s", "norm_s", "val_acc", "test_acc", "precision"])
                 w.writeheader()
                 w.writerows(rows)
             plot_time_to_accuracy(rows, args.out / "time_to_accuracy.png")

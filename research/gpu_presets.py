@@ -1,8 +1,8 @@
 """Issue 14 on a lent GPU, the presets call: pick the epochs of presets 90, 93 and 95 on the
 validation split (tuning seeds 0-3), then measure the picks and --preset 96 on the test set with
-4 seeds nothing was tuned with (8-11), all through the real command line (benchmark_trust.py).
+4 seeds nothing was tuned with (8-11), all through the real command line (benchmarks.trust).
 
-    PYTHONPATH=. python3 scripts/gpu_presets.py --data-dir .gpu-cifar --out $OUT
+    python3 -m research.gpu_presets --data-dir .gpu-cifar --out $OUT      (from the repository root)
 
 The rules, fixed before any run:
   90, 93  the fewest epochs with the alternating flip + Lookahead whose validation mean is at least
@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.harness import REPO
+
 TUNE_SEEDS, TEST_SEEDS = ["0", "1", "2", "3"], ["8", "9", "10", "11"]
 AFLA = "--alternate-flip --lookahead"
 #: preset -> (the shipped preset's flags, {epochs: candidate flags}), candidates fewest epochs first
@@ -40,7 +41,7 @@ BAR_95 = 0.9425
 
 def trust(out: Path, args: argparse.Namespace, seeds: list[str], variants: dict[str, str], workers: int,
           deadline: float) -> list[str]:  # fmt: skip
-    cmd = [sys.executable, str(REPO / "scripts/benchmark_trust.py"), "--data-dir", args.data_dir, "--out", str(out),
+    cmd = [sys.executable, "-m", "benchmarks.trust", "--data-dir", args.data_dir, "--out", str(out),
            "--accelerator", args.accelerator, "--no-corruptions", "--workers", str(workers), "--deadline", str(deadline),
            "--seeds", *seeds]  # fmt: skip
     for name, flags in variants.items():
@@ -85,8 +86,7 @@ def main() -> None:
         return max(1.0, args.limit - (time.perf_counter() - start))
 
     # 0. The shipped 94 preset alone on the GPU, with the conv reference before it.
-    sys.path.insert(0, str(REPO / "scripts"))
-    from gpu_airbench import gpu_bf16_conv_rate
+    from research.gpu_airbench import gpu_bf16_conv_rate
 
     if args.accelerator == "gpu":
         print(json.dumps({"bf16_conv_gflops": gpu_bf16_conv_rate()}), flush=True)

@@ -1,7 +1,7 @@
 """The README's screenshot of the cifar-serve page: serve MODEL, open the page in headless
 Chromium at a phone's width, upload IMAGE through the file input, save the page as PNG.
 
-    python scripts/serve_screenshot.py model.onnx ../shared/data/cifar10/test/cat/0000.png docs/serve.png
+    python -m research.serve_screenshot model.onnx ../shared/data/cifar10/test/cat/0000.png docs/serve.png
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import shutil
 
 from playwright.sync_api import sync_playwright
 
-from cifar_lightning.serve import launch
+from benchmarks.harness import launch_server, stop_server
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = p.parse_args()
-    server, url = launch(args.model)
+    server, url = launch_server(args.model)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.chromium, args=[
@@ -35,8 +35,7 @@ def main() -> None:
             print(args.out, page.inner_text("#top1"))
             browser.close()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_server(server, timeout=30)
 
 
 if __name__ == "__main__":

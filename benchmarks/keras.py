@@ -3,15 +3,19 @@ test accuracy after each epoch, for the notebook's network in Keras and for ``--
 trained on the same 50,000 images, in alternating epochs on the same machine.
 
     pip install -e '.[keras]'          # tensorflow-cpu and keras: an optional extra, never a runtime need
-    python scripts/benchmark_keras.py --data-dir ../shared/data/cifar10 --epochs 2
+    python -m benchmarks.keras --data-dir ../shared/data/cifar10 --epochs 2
 
 Each system trains in its own child process (TensorFlow and torch must not share one), and the
 two take turns: Keras' epoch 1, ours, Keras' epoch 2, ours..., each child waiting idle while the
 other trains, so a machine that slows down mid-run slows both alike (on these shared machines
 the same Keras epoch has taken 48 s in one run and 84 s in another). Epoch time is the training
-pass alone; the test pass after each epoch is not counted. The bf16 3x3 conv rate is measured
-before and after, and every time is also printed normalised by their mean (normalised s = raw s
-x rate / 1,000 GFLOP/s). Prints; asserts nothing.
+pass alone; the test pass after each epoch is not counted. The 3x3 conv rate in the precision
+our side trains in (bf16 only where the CPU runs it natively, else fp32) is measured before and
+after, and every time is also printed normalised by their mean (normalised s = raw s x rate /
+1,000 GFLOP/s). Prints; asserts nothing.
+
+Neither this module's top level nor the Keras child imports torch (the harness is imported by
+the parent only).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 INSTALL_HINT = "Keras and TensorFlow are not installed; install the optional extra: pip install -e '.[keras]'"
 
 
@@ -35,9 +39,9 @@ def write_numpy(data_dir: str, path: Path) -> None:
     it must not import torch (TensorFlow and torch in one process can crash on import)."""
     import numpy as np
 
-    from cifar_lightning.data import CIFAR10DataModule
+    from cifar_lightning.data import load_splits
 
-    splits = CIFAR10DataModule(data_dir).load()
+    splits = load_splits(data_dir)
     arrays = {f"{s}_{k}": (splits[s].images.permute(0, 2, 3, 1) if k == "x" else splits[s].labels).numpy()
               for s in ("train", "test") for k in ("x", "y")}  # fmt: skip
     np.savez(path, **arrays)
@@ -87,9 +91,8 @@ def run_keras(args: argparse.Namespace) -> None:
 def run_ours(args: argparse.Namespace) -> None:
     import lightning as L
     import torch
-    import yaml
 
-    from cifar_lightning import recipes, train
+    from cifar_lightning import train
     from cifar_lightning.images import normalize
 
     class PerEpoch(L.Callback):
@@ -111,12 +114,20 @@ def run_ours(args: argparse.Namespace) -> None:
             print(json.dumps({"system": "ours", "epoch": trainer.current_epoch + 1, "seconds": seconds, "images": n,
                               "test_acc": right / len(test.labels)}), flush=True)  # fmt: skip
 
-    cfg = recipes.build({
+    train.run_training(our_recipe(args), callbacks=[PerEpoch()])
+
+
+def our_recipe(args: argparse.Namespace):  # noqa: ANN201 (a TrainConfig; recipes is imported here, not at the top)
+    """Our side's recipe: --preset seed on all 50,000 training images, with --ours' values."""
+    import yaml
+
+    from cifar_lightning import recipes
+
+    return recipes.build({
         "preset": "seed", "data_dir": args.data_dir, "val_size": 0, "epochs": args.epochs, "seed": args.seed,
         "batch_size": args.batch_size, "log_dir": args.log_dir, "calibrate": "none", "progress_bar": False,
         "log_images_every": 0, **{k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.ours)},
     })  # fmt: skip
-    train.run_training(cfg, callbacks=[PerEpoch()])
 
 
 def main() -> None:
@@ -139,18 +150,22 @@ def main() -> None:
     if any(importlib.util.find_spec(m) is None for m in ("keras", "tensorflow")):
         print(INSTALL_HINT, file=sys.stderr)
         sys.exit(2)
-    sys.path.insert(0, str(HERE))
-    from benchmark import bf16_conv_rate
+    from benchmarks.harness import device_for, rate_label, reference_rate
+    from cifar_lightning import train
 
-    rate = bf16_conv_rate()
+    cfg = our_recipe(args)
+    precision, device = train.resolve_precision(cfg.precision, cfg.accelerator), device_for(cfg.accelerator)
+    rate = reference_rate(precision, device)
     rows = []
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    # The children run this module with -m from the caller's folder (relative paths stay valid): put the repository on their path.
+    path = os.pathsep.join(part for part in (str(REPO), os.environ.get("PYTHONPATH", "")) if part)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     tmp = tempfile.TemporaryDirectory()
     arrays = Path(tmp.name) / "cifar10.npz"
     write_numpy(args.data_dir, arrays)
     children, errs = {}, {}
     for system in ("keras", "ours"):
-        argv = [sys.executable, __file__, *sys.argv[1:], "--system", system, "--arrays", str(arrays)]
+        argv = [sys.executable, "-m", "benchmarks.keras", *sys.argv[1:], "--system", system, "--arrays", str(arrays)]
         errs[system] = open(Path(tmp.name) / f"{system}.err", "w")  # noqa: SIM115 (closed in the finally below)
         children[system] = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errs[system],
                                             text=True, env=env)  # fmt: skip
@@ -177,9 +192,10 @@ def main() -> None:
             child.wait()
         for f in errs.values():
             f.close()
-    rate = (rate + bf16_conv_rate()) / 2
+    rate = (rate + reference_rate(precision, device)) / 2
     norm = rate / 1000
-    print(f"\nbf16 3x3 conv {rate:,.0f} GFLOP/s in this run (mean of before and after); normalised s = raw s x {norm:.3f}")
+    print(f"\n{rate_label(precision, rate)} in this run (mean of before and after; our side trains in {precision}); "
+          f"normalised s = raw s x {norm:.3f}")
     print(f"{'system':<7}{'epoch':>6}{'s/epoch':>10}{'normalised':>12}{'images/s':>10}{'test acc':>10}")
     for r in rows:
         print(f"{r['system']:<7}{r['epoch']:>6}{r['seconds']:>10.1f}{r['seconds'] * norm:>12.1f}"

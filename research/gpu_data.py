@@ -6,8 +6,8 @@ of their raw size, so 60,000 images fit in two parts of about 51 MB, where the P
 original order, so the data module there reads exactly the images, labels and seeded splits it
 reads here.
 
-    python scripts/gpu_data.py pack --data-dir ../shared/data/cifar10 --out .gpu-data --parts 2
-    python scripts/gpu_data.py unpack .gpu-data/part1.npz.xz --out /tmp/cifar10   (each part, there)
+    python -m research.gpu_data pack --data-dir ../shared/data/cifar10 --out .gpu-data --parts 2
+    python -m research.gpu_data unpack .gpu-data/part1.npz --out /tmp/cifar10   (each part, there)
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def decode(blob: bytes, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def pack(data_dir: str, out: Path, parts: int, chunk: int = 2500) -> None:
-    from cifar_lightning.data import CIFAR10DataModule
+    from cifar_lightning.data import load_splits
 
-    splits = CIFAR10DataModule(data_dir).load()
+    splits = load_splits(data_dir, download=False)
     rows = [(split, i) for split in ("train", "test") for i in range(len(splits[split].labels))]
     out.mkdir(parents=True, exist_ok=True)
     per_part = -(-len(rows) // parts)

@@ -6,20 +6,21 @@ T is fitted on random k-image subsets of the first half (``--repeats`` draws per
 ECE is measured on the whole second half. The test set takes no part.
 
     cifar-train --preset 94 --calib-size 5000 --log-dir runs/c5000 --data-dir ../shared/data/cifar10
-    python scripts/calibration_size.py runs/c5000/version_0/checkpoints/last.ckpt
+    python -m research.calibration_size runs/c5000/version_0/checkpoints/last.ckpt
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import torch
 
-from cifar_lightning.calibration import calibration_logits, ece, fit_temperature
-from cifar_lightning.checkpoint import classifier_from_checkpoint, load_checkpoint
+from cifar_lightning.calibration import ece, fit_temperature
 from cifar_lightning.data import CIFAR10DataModule
-from cifar_lightning.recipes import saved_run_config
+from cifar_lightning.inference import load_classifier
+from cifar_lightning.runs import saved_run_config
 
 
 def main() -> None:
@@ -29,12 +30,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    cfg = saved_run_config(__import__("pathlib").Path(args.checkpoint))
+    cfg = saved_run_config(Path(args.checkpoint))
     dm = CIFAR10DataModule(cfg["data_dir"], val_size=cfg.get("val_size", 0), split_seed=cfg.get("split_seed", 0),
                            calib_size=cfg["calib_size"])  # fmt: skip
     dm.setup("fit")
-    module = classifier_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint).to(args.device)
-    logits = calibration_logits(module, dm.calib_set.images, args.device)
+    # Raw logits with the checkpoint's test-time views, through the one inference path: what T divides.
+    logits = load_classifier(args.checkpoint, device=args.device, calibrate=False).logits(dm.calib_set.images, batch_size=500)
     labels = dm.calib_set.labels
     half = len(labels) // 2
     fit_logits, fit_labels, eval_logits, eval_labels = logits[:half], labels[:half], logits[half:], labels[half:]

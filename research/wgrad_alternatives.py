@@ -3,7 +3,8 @@ spatial sizes. This times oneDNN's (what autograd runs) against two formulations
 other kernels, at the 94 network's shapes, in bf16, channels-last, batch 1024, and checks that
 each gives the same gradient. Prints; asserts nothing (docs/BENCHMARKS.md, "The training step").
 
-    python scripts/wgrad_alternatives.py            # about a minute on a 2-core CPU
+    python -m research.wgrad_alternatives            # about a minute on a 2-core CPU (with AMX)
+    python -m research.wgrad_alternatives --precision 32-true   # the same in fp32 (a CPU without native bf16)
 
   oneDNN               aten.convolution_backward with only the weight gradient asked for
   batch-as-channels    the gradient as one forward convolution: input and output gradient with
@@ -14,15 +15,19 @@ each gives the same gradient. Prints; asserts nothing (docs/BENCHMARKS.md, "The 
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from benchmark import _best_seconds  # scripts/ is on the path when this runs as a script
+
+from benchmarks.harness import best_seconds, dtype_of, machine, precision_name
 
 SHAPES = [(24, 64, 31), (64, 64, 15), (64, 256, 15), (256, 256, 7), (256, 256, 3)]  # (in, out, side) of the 94 network
 
 
-def best_ms(fn) -> float:  # noqa: ANN001
-    return _best_seconds(fn) * 1e3
+def best_ms(fn: Callable[[], object]) -> float:
+    return best_seconds(fn) * 1e3
 
 
 def onednn(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -49,13 +54,16 @@ def gemm_per_tap(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Ten
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--precision", default="bf16-mixed", choices=("bf16-mixed", "32-true"), help="the dtype the step computes in")
+    args = p.parse_args()
     torch.manual_seed(0)
-    cl, batch = torch.channels_last, 1024
-    print(f"weight gradient, bf16, batch {batch}, {torch.get_num_threads()} threads, torch {torch.__version__}: ms (relative error)")
+    cl, batch, dtype = torch.channels_last, 1024, dtype_of(args.precision)
+    print(f"weight gradient, {precision_name(args.precision)}, batch {batch}, {machine()}: ms (relative error)")
     for cin, cout, side in SHAPES:
-        x = torch.randn(batch, cin, side, side, dtype=torch.bfloat16).contiguous(memory_format=cl)
-        w = torch.randn(cout, cin, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=cl)
-        g = torch.randn(batch, cout, side, side, dtype=torch.bfloat16).contiguous(memory_format=cl)
+        x = torch.randn(batch, cin, side, side, dtype=dtype).contiguous(memory_format=cl)
+        w = torch.randn(cout, cin, 3, 3, dtype=dtype).contiguous(memory_format=cl)
+        g = torch.randn(batch, cout, side, side, dtype=dtype).contiguous(memory_format=cl)
         ref = onednn(x, w, g).float()
         cells = []
         for name, fn in (("oneDNN", onednn), ("batch-as-channels", batch_as_channels), ("GEMM per tap", gemm_per_tap)):

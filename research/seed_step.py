@@ -3,15 +3,16 @@ notebook network's forward + backward + Adam step at batch 64, for the preset as
 torch dropout, ReLU before the max-pool, foreach Adam, glibc's default allocator settings) and
 with each lever added or taken away.
 
-    python scripts/seed_step.py                 # about 2 minutes on a 2-core CPU
-    python scripts/seed_step.py --steps 100 --rounds 3
-    python scripts/seed_step.py --network fast --steps 8   # the same levers on the fast presets'
-                                                           # network (bf16, batch 1024, Nesterov SGD)
+    python -m research.seed_step                 # about 2 minutes on a 2-core CPU
+    python -m research.seed_step --steps 100 --rounds 3
+    python -m research.seed_step --network fast --steps 8   # the same levers on the fast presets'
+                                                            # network (bf16, batch 1024, Nesterov SGD)
 
 Every variant runs in its own process (the allocator setting is process-wide), in rounds that
 interleave the variants, so a machine that slows down part-way slows all of them alike; the
-median of the rounds is printed, with the bf16 3x3 conv rate of the same run (normalised ms =
-raw ms x rate / 1,000 GFLOP/s). Prints; asserts nothing.
+median of the rounds is printed, with the 3x3 conv rate of the same run in the precision this
+machine trains in (bf16 only where the CPU runs it natively, else fp32; normalised ms = raw ms x
+rate / 1,000 GFLOP/s). Prints; asserts nothing.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+if TYPE_CHECKING:  # the children import torch; the parent only starts them
+    import torch
 
 #: name -> (precision, byte dropout, ReLU after pool, fused Adam, keep freed memory, compile)
 VARIANTS: dict[str, tuple[str, bool, bool, bool, bool, bool]] = {
@@ -48,8 +49,8 @@ FAST_VARIANTS: dict[str, tuple[bool, bool, bool]] = {
 }
 
 
-def time_steps(name: str, net, opt, xs: list, ys: list, bf16: bool, compile_: bool, warmup: int, steps: int,  # noqa: ANN001
-               **loss_args: float) -> None:  # fmt: skip
+def time_steps(name: str, net: torch.nn.Module, opt: torch.optim.Optimizer, xs: list, ys: list, bf16: bool, compile_: bool,
+               warmup: int, steps: int, **loss_args: float) -> None:  # fmt: skip
     """Time ``steps`` training steps (forward, backward, optimiser) after ``warmup`` untimed ones,
     cycling through the batches; prints the variant's JSON line for the parent."""
     import torch
@@ -127,18 +128,19 @@ def main() -> None:
     variants, batch = (VARIANTS, 64) if args.network == "seed" else (FAST_VARIANTS, 1024)
     if args.variant:
         return (child if args.network == "seed" else fast_child)(args.variant, args.steps)
-    from benchmark import bf16_conv_rate, normalised
+    from benchmarks.harness import REPO, normalised, rate_label, reference_rate, training_precision
 
-    rate = bf16_conv_rate()
+    precision = training_precision()
+    rate = reference_rate(precision)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name in variants:
-            out = subprocess.run([sys.executable, __file__, "--network", args.network, "--variant", name, "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
+            out = subprocess.run([sys.executable, "-m", "research.seed_step", "--network", args.network, "--variant", name,
+                                  "--steps", str(args.steps)], capture_output=True, text=True, check=True, cwd=REPO)  # fmt: skip
             times[name].append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
-    rate = (rate + bf16_conv_rate()) / 2
+    rate = (rate + reference_rate(precision)) / 2
     base = statistics.median(times[next(iter(variants))])
-    print(f"bf16 3x3 conv {rate:,.0f} GFLOP/s (mean of before and after); normalised ms = raw ms x {rate / 1000:.3f}")
+    print(f"{rate_label(precision, rate)} (mean of before and after); normalised ms = raw ms x {rate / 1000:.3f}")
     print(f"{args.network + f' network, batch {batch}, CPU':<66}{'ms/step':>9}{'normalised':>12}{'epoch (50k)':>13}{'vs first':>11}")
     for name, ts in times.items():
         ms = statistics.median(ts)

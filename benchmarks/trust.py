@@ -7,7 +7,12 @@ and after calibration, JPEG-75 accuracy and mean corrupted accuracy per variant 
 seeds, and the worst seed), and writes summary.json and summary.md into --out, refreshed after
 every finished job so a run cut short still reports what it finished.
 
-    python scripts/benchmark_trust.py --data-dir ../shared/data/cifar10 --out /tmp/trust --seeds 0 1 2 3 \\
+Training seconds are also given normalised by the 3x3 conv rate in the precision each job
+trained in (bf16 only where the hardware runs it natively, else fp32), measured before the first
+job and after the last (benchmarks/harness.py; normalised s = raw s x rate / 1000 GFLOP/s). With
+several workers the jobs shared the machine, so their times are not those of a run alone.
+
+    python -m benchmarks.trust --data-dir ../shared/data/cifar10 --out /tmp/trust --seeds 0 1 2 3 \\
         --variant "standard=--preset 94 --augment standard --calibrate none" --variant "robust=--preset 94 --augment robust"
 """
 
@@ -24,7 +29,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.harness import REPO, device_for, normalised, rate_label, reference_rate, training_precision
+
 DEFAULT_VARIANTS = [
     "standard=--preset 94 --augment standard --calibrate none",
     "robust=--preset 94",
@@ -49,6 +55,8 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
         result |= {k: r.get(k) for k in ("test_acc", "test_ece", "test_ece_uncalibrated", "wall_seconds", "best_val_acc")}
         result["temperature"] = (r.get("calibration") or {}).get("temperature")
         result["train_seconds"] = sum(r.get("train_seconds") or [])
+        config = r.get("config") or {}
+        result["precision"] = run_precision(config.get("precision", "auto"), config.get("accelerator", args.accelerator))
         if args.corruptions:
             evaluate = [*base, "evaluate", r["best_checkpoint"], "--corruptions", "--accelerator", args.accelerator,
                         "--out", str(logs / "report"), "--grid", "16"]  # fmt: skip
@@ -66,8 +74,45 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
     return result
 
 
+def run_precision(precision: str, accelerator: str) -> str:
+    """The precision a job trained in (its config records what it was given: often 'auto')."""
+    from cifar_lightning import train
+
+    return train.resolve_precision(precision, accelerator)
+
+
+class References:
+    """The conv reference rate per precision, measured before the first job (in the precision
+    ``--precision auto`` trains in here) and after the last (in every precision a job used):
+    what each job's training seconds are normalised by (the mean of the rates measured)."""
+
+    def __init__(self, accelerator: str) -> None:
+        self.device = device_for(accelerator)
+        self.rates: dict[str, list[float]] = {}
+        self.measure(training_precision(accelerator))
+
+    def measure(self, precision: str) -> None:
+        self.rates.setdefault(precision, []).append(reference_rate(precision, self.device))
+
+    def rate(self, precision: str | None) -> float | None:
+        got = self.rates.get(precision or "")
+        return statistics.fmean(got) if got else None
+
+    def normalise(self, results: list[dict[str, Any]]) -> None:
+        """Each finished job's normalised training seconds, with the rates measured so far."""
+        for r in results:
+            rate = self.rate(r.get("precision"))
+            if rate and r.get("train_seconds") is not None:
+                r["conv_gflops"] = round(rate)
+                r["train_norm_s"] = normalised(r["train_seconds"], rate)
+
+    def note(self) -> str:
+        rates = "; ".join(rate_label(p, statistics.fmean(v)) for p, v in self.rates.items())
+        return f"normalised train s = train s x rate / 1000 GFLOP/s, in each job's precision: {rates} ({self.device})"
+
+
 KEYS = ("best_val_acc", "test_acc", "test_ece_uncalibrated", "test_ece", "temperature", "jpeg75_accuracy", "corruption_mean_accuracy",
-        "corruption_mean_ece", "train_seconds")  # fmt: skip
+        "corruption_mean_ece", "train_seconds", "train_norm_s")  # fmt: skip
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -83,7 +128,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def markdown(summary: dict[str, dict[str, Any]]) -> str:
+def markdown(summary: dict[str, dict[str, Any]], note: str = "") -> str:
     def cell(s: dict[str, Any], k: str, pct: bool) -> str:
         if k not in s:
             return "-"
@@ -92,19 +137,20 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
 
     lines = [
         "| variant | seeds | val acc (mean, worst seed) | test acc (mean, worst seed) | ECE before | ECE after | T | JPEG q75 acc "
-        "| mean corrupted acc | train s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mean corrupted acc | train s | normalised train s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in summary.items():
         t = f"{s['temperature']['mean']:.3f}" if "temperature" in s else "-"
         secs = f"{s['train_seconds']['mean']:.0f}" if "train_seconds" in s else "-"
+        norm = f"{s['train_norm_s']['mean']:.0f}" if "train_norm_s" in s else "-"
         lines.append(
             f"| {name} | {len(s['seeds'])} | {cell(s, 'best_val_acc', True)} | {cell(s, 'test_acc', True)} "
             f"| {cell(s, 'test_ece_uncalibrated', False)} "
             f"| {cell(s, 'test_ece', False)} | {t} | {cell(s, 'jpeg75_accuracy', True)} | {cell(s, 'corruption_mean_accuracy', True)} "
-            f"| {secs} |"
+            f"| {secs} | {norm} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
 
 
 def main() -> None:
@@ -126,7 +172,15 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
+    refs = References(args.accelerator)
     start, results = time.perf_counter(), []
+
+    def write() -> None:
+        refs.normalise(results)
+        summary = summarise(results)
+        (args.out / "summary.json").write_text(json.dumps({"results": results, "summary": summary, "conv_gflops": refs.rates},
+                                                          indent=2))  # fmt: skip
+        (args.out / "summary.md").write_text(markdown(summary, refs.note()))
 
     def job(spec: tuple[str, str, int]) -> dict[str, Any]:
         if args.deadline and time.perf_counter() - start > args.deadline:
@@ -138,10 +192,11 @@ def main() -> None:
     with ThreadPoolExecutor(args.workers) as pool:
         for future in as_completed([pool.submit(job, spec) for spec in jobs]):
             results.append(future.result())
-            summary = summarise(results)
-            (args.out / "summary.json").write_text(json.dumps({"results": results, "summary": summary}, indent=2))
-            (args.out / "summary.md").write_text(markdown(summary))
-    print(markdown(summarise(results)))
+            write()
+    for precision in dict.fromkeys(r["precision"] for r in results if r.get("precision")):
+        refs.measure(precision)
+    write()
+    print(markdown(summarise(results), refs.note()))
 
 
 if __name__ == "__main__":

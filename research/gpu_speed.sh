@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Issue 14 on a lent GPU machine, as run for docs/BENCHMARKS.md ("On a GPU"): airbench's 94% recipe and
 # ours on the same GPU and data in one call, then a validation-split sweep of the fast recipe's levers.
-# The data comes in two calls (scripts/gpu_data.py pack; ../shared/docs/GPU.md):
-#   call 1, carry .gpu-data/part1.npz:                      bash scripts/gpu_speed.sh unpack .gpu-data/part1.npz
-#   call 2, carry .gpu-data/part2.npz .gpu-data/airbench:   bash scripts/gpu_speed.sh run
-source scripts/gpu_common.sh
+# The data comes in two calls (python -m research.gpu_data pack; ../shared/docs/GPU.md):
+#   call 1, carry .gpu-data/part1.npz:                      bash research/gpu_speed.sh unpack .gpu-data/part1.npz
+#   call 2, carry .gpu-data/part2.npz .gpu-data/airbench:   bash research/gpu_speed.sh run
+source research/gpu_common.sh
 # 1. airbench, alone on the GPU: its warm-up, then 4 timed runs (package source carried in .gpu-data/airbench).
-PYTHONPATH=$PWD:$PWD/.gpu-data/airbench timeout ${AIRBENCH_LIMIT:-120} python3 scripts/gpu_airbench.py --data-dir "$D" --work /tmp/ab --runs 4 2>&1 | tee "$OUT/airbench.log" | grep -v Warning
+PYTHONPATH=$PWD:$PWD/.gpu-data/airbench timeout ${AIRBENCH_LIMIT:-120} python3 -m research.gpu_airbench --data-dir "$D" --work /tmp/ab --runs 4 2>&1 | tee "$OUT/airbench.log" | grep -v Warning
 # 2. ours, alone: the preset as it ships, and the Muon candidate, through the real command line.
 for spec in "p94=--preset 94" "p94-muon8=--preset 94 --optimizer muon --alternate-flip --epochs 8"; do
     name=${spec%%=*}; flags=${spec#*=}
@@ -15,7 +15,7 @@ for spec in "p94=--preset 94" "p94-muon8=--preset 94 --optimizer muon --alternat
 done
 # 3. The sweep: validation split only (4 tuning seeds), five jobs at a time, no new job after the deadline.
 V="--preset 94 --val-size 5000"
-python3 scripts/benchmark_trust.py --data-dir "$D" --out /tmp/sweep --workers ${WORKERS:-5} --accelerator gpu --no-corruptions \
+python3 -m benchmarks.trust --data-dir "$D" --out /tmp/sweep --workers ${WORKERS:-5} --accelerator gpu --no-corruptions \
     --deadline ${DEADLINE:-200} --seeds 0 1 2 3 \
     --variant "b13=$V" \
     --variant "mu8=$V --optimizer muon --alternate-flip --epochs 8" \

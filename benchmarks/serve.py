@@ -1,21 +1,20 @@
 """cifar-serve under load, on loopback only, against in-process prediction in the same run.
 Prints figures; asserts nothing.
 
-    python scripts/benchmark_serve.py MODEL [--images 256] [--data-dir ../shared/data/cifar10]
+    python -m benchmarks.serve MODEL [--images 256] [--data-dir ../shared/data/cifar10]
 
 For batching off (--max-batch-size 1) and on (32), a fresh server; at each concurrency (1, 8,
 32) a fixed number of uploads of real test images (PNG files, as a client sends them), with a
 time limit, so the run always ends: requests/s and p50/p99 latency, raw and normalised by the
-bf16 3x3-convolution rate measured in the same run (scripts/benchmark.py). The reference is
-``load_classifier(MODEL).predict`` on the same files in this process (decode included).
+3x3-convolution rate in fp32 (what the server computes in) measured in the same run
+(benchmarks/harness.py). The reference is ``load_classifier(MODEL).predict`` on the same files
+in this process (decode included).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import statistics
 import subprocess
 import time
@@ -23,9 +22,10 @@ from pathlib import Path
 
 import httpx
 
-from cifar_lightning.serve import launch
+from benchmarks.harness import DEFAULT_DATA, REPO, call_times, launch_server, machine, normalised, rate_label, reference_rate, stop_server
 
-REPO = Path(__file__).resolve().parents[1]
+#: what the served model computes in (load_classifier and the exports are float32)
+PRECISION = "32-true"
 
 
 async def load(url: str, files: list[bytes], concurrency: int, limit_s: float) -> dict:
@@ -55,7 +55,7 @@ async def load(url: str, files: list[bytes], concurrency: int, limit_s: float) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
-    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "cifar10")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     p.add_argument("--images", type=int, default=256, help="uploads per measurement")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per measurement at most")
     args = p.parse_args()
@@ -66,21 +66,18 @@ def main() -> None:
 
     clf = load_classifier(args.model)
     clf.predict(paths[:32])
-    t = time.perf_counter()
-    clf.predict(paths)
-    in_process = len(paths) / (time.perf_counter() - t)
-    from benchmark import bf16_conv_rate, normalised
-
-    rate = bf16_conv_rate()
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, bf16 3x3 conv {rate:.0f} GFLOP/s, "
-          f"model {args.model} (test-time views level {clf.tta})")  # fmt: skip
+    in_process = len(paths) / call_times(lambda: clf.predict(paths))[0]
+    rate = reference_rate(PRECISION)
+    print(f"{machine()}; {rate_label(PRECISION, rate)} (the model computes in fp32); model {args.model} "
+          f"(test-time views level {clf.tta})")  # fmt: skip
     print(f"in-process load_classifier(...).predict on the same {len(paths)} files: {in_process:.1f} images/s")
     print("normalised ms = raw ms x rate / 1000 GFLOP/s")
     print(f"{'batching':<12}{'concurrency':>12}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'norm p50':>10}{'norm p99':>10}"
           f"{'vs in-process':>15}")  # fmt: skip
     results = {}
     for batch in (1, 32):
-        proc, url = launch(args.model, "--max-batch-size", str(batch), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc, url = launch_server(args.model, "--max-batch-size", str(batch), cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             asyncio.run(load(f"{url}/predict", files[:16], 4, 30))  # warm-up
             for concurrency in (1, 8, 32):
@@ -92,8 +89,7 @@ def main() -> None:
                       f"{normalised(r['p50_ms'], rate):>10.0f}{normalised(r['p99_ms'], rate):>10.0f}"
                       f"{r['rps'] / in_process:>14.0%}{failed}", flush=True)  # fmt: skip
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop_server(proc)
     print(f"batching on vs off at concurrency 32: {results[32, 32]['rps'] / results[1, 32]['rps']:.2f}x")
 
 

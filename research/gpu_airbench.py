@@ -5,9 +5,10 @@ classes) from the working directory and downloads them with torchvision when mis
 GPU machine has no internet, so ``--data-dir`` (our image tree) is written in that form first.
 Then ``warmup94`` and ``--runs`` timed runs of ``train94``; prints one JSON line per run with
 airbench's own time (CUDA events: whitening init, epochs and the TTA test) and the wall
-time of the call (which adds its untimed per-epoch evaluations), and the conv reference rate of this GPU.
+time of the call (which adds its untimed per-epoch evaluations), and the bf16 conv reference rate
+of this GPU (the harness's reference convolution, benchmarks/harness.py), before and after.
 
-    python scripts/gpu_airbench.py --data-dir /tmp/cifar10 --work /tmp/ab --runs 4
+    python -m research.gpu_airbench --data-dir /tmp/cifar10 --work /tmp/ab --runs 4
 """
 
 from __future__ import annotations
@@ -21,31 +22,19 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from benchmarks.harness import reference_rate
 
 
-def gpu_bf16_conv_rate(repeats: int = 20) -> float:
-    """GFLOP/s of the same bf16 3x3 convolution that scripts/benchmark.py times on the CPU."""
-    y = torch.randn(64, 256, 16, 16, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(256, 256, 3, 3, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    for _ in range(5):
-        F.conv2d(y, w, padding=1)
-    best = float("inf")
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            F.conv2d(y, w, padding=1)
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3 / 20)
-    return 2 * 64 * 256 * 256 * 9 * 256 / best / 1e9
+def gpu_bf16_conv_rate() -> float:
+    """GFLOP/s of the reference 3x3 convolution in bf16 on this GPU (Timer synchronises each block)."""
+    return reference_rate("bf16-mixed", device="cuda", reps=20)
 
 
 def write_airbench_data(data_dir: str, work: Path) -> None:
-    from cifar_lightning.data import CIFAR10DataModule
+    from cifar_lightning.data import load_splits
 
-    splits = CIFAR10DataModule(data_dir).load()
+    splits = load_splits(data_dir, download=False)
     (work / "cifar10").mkdir(parents=True, exist_ok=True)
     for name in ("train", "test"):
         s = splits[name]
