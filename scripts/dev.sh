@@ -12,8 +12,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setting up $venv (first run only)..." >&2
     python3 -m venv "$venv"
     # torch/torchvision pinned to the capped releases: this avoids a multi-GB download of a newer one.
-    # --no-compile: Python compiles what it imports on first use; byte-compiling all of torch's
-    # files up front took most of a minute here for modules never imported.
+    # --no-compile: Python compiles what it imports on first use; byte-compiling every file of
+    # torch and its CUDA libraries up front is work for modules a CPU run never imports.
     "$venv/bin/python" -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" >&2 || true
     "$venv/bin/python" -m pip install -q --no-compile -e '.[dev]' 2>&1 | grep -v "is ignored" >&2 || true
     "$venv/bin/python" -c "import cifar_lightning, lightning, torchvision" || { echo "setup failed" >&2; exit 1; }
