@@ -58,9 +58,9 @@ def test_cli_run_writes_checkpoints_tensorboard_events_and_true_results(trained_
     files = sorted((tree / "test").rglob("*.png"))
     assert len(files) == 40
     labels = torch.tensor([clf.class_names.index(f.parent.name) for f in files])
-    logits = clf.logits(as_uint8_batch(files))
-    assert results["test_acc"] == pytest.approx((logits.argmax(1) == labels).double().mean().item(), abs=1e-6)
-    assert results["test_loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-4)
+    probs = clf.probabilities(as_uint8_batch(files))  # with the run's fitted temperature, as its test scored them
+    assert results["test_acc"] == pytest.approx((probs.argmax(1) == labels).double().mean().item(), abs=1e-6)
+    assert results["test_loss"] == pytest.approx(F.nll_loss(probs.log(), labels).item(), rel=1e-4)
     assert f"tensorboard --logdir {logs}" in proc.stdout
     assert "test accuracy" in proc.stdout and results["best_checkpoint"] in proc.stdout
     assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 1
