@@ -98,7 +98,13 @@ TRAINING_FIXTURES = {"seed_run_once", "world", "trained", "run", "calibrated", "
                      "trained_run", "unbroken"}  # fmt: skip
 
 
+#: the longest modules first: on several workers (CI), a long test left for the end keeps one
+#: worker busy while the others idle; modules stay whole, so their fixtures are built once
+FIRST = ("test_real_data.py", "test_faults.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))  # stable
     for item in items:
         if not any(item.get_closest_marker(t) for t in TIERS) and TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.train)
