@@ -1,6 +1,6 @@
 """Which library checks TrainConfig: pydantic v2 or jsonargparse, measured side by side.
 
-    python -m research.config_checkers [--repeats 7]
+    pip install jsonargparse && python -m research.config_checkers [--repeats 7]
 
 For each: the import time in a fresh interpreter (``--help`` pays it on every call; median of
 the repeats, alternating), the time to check the 94 preset's whole recipe, and which of a set of
@@ -47,6 +47,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
+    try:
+        import jsonargparse  # noqa: F401  (only this comparison needs it)
+    except ImportError:
+        sys.exit("research.config_checkers: needs jsonargparse beside pydantic: pip install jsonargparse")
     base = import_seconds("sys", args.repeats)
     print(f"python -c pass: {base * 1e3:.0f} ms")
     for module in ("pydantic", "jsonargparse", "cifar_lightning.recipes"):
