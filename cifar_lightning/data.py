@@ -27,9 +27,8 @@ from cifar_lightning.augment import BatchAugment, alternating_flip
 from cifar_lightning.errors import DataError, ImageError
 from cifar_lightning.fileio import atomic_write
 from cifar_lightning.images import CLASSES, IMAGE_SIZE, IMAGE_SUFFIXES, is_image_file, load_image, normalize
-from cifar_lightning.recipes import DATA_SOURCES, TrainConfig, check_values
+from cifar_lightning.recipes import TrainConfig, check_values
 
-SOURCES = DATA_SOURCES
 # 2: image files decode by the one policy of images.py (centre crop + Lanczos, not a squash).
 CACHE_VERSION = 2
 
@@ -267,7 +266,6 @@ def load_imagefolder(data_dir: Path, cache_dir: Path | None = None) -> dict[str,
 def download_cifar10(data_dir: Path) -> None:
     """torchvision's download into data_dir with its MD5 checks (nothing is fetched when the
     files are there and intact); one clear error offline."""
-
     try:
         CIFAR10(str(data_dir), train=True, download=True)
     except Exception as e:  # URLError, HTTPError, socket timeouts, a bad checksum...
@@ -279,7 +277,6 @@ def download_cifar10(data_dir: Path) -> None:
 
 
 def load_torchvision_cifar10(data_dir: Path) -> dict[str, Images]:
-
     out = {}
     for split in ("train", "test"):
         try:

@@ -268,19 +268,25 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
                           t, graph_temperature=in_graph)  # fmt: skip
     if suffix in (".ckpt", ".pt", ".pth"):
         try:
-            ckpt = load_checkpoint(path)
-            network = network_from_checkpoint(ckpt, path)
+            return checkpoint_classifier(load_checkpoint(path), path, device, tta, calibrate)
         except CheckpointError as e:
             raise ModelError(str(e)) from None
-        hp = ckpt["hyper_parameters"]
-        level = hp.get("tta", 0) if tta is None else tta
-        fitted = temperature_of(ckpt.get("calibration"), path)  # checked on loading
-        t = fitted if calibrate else 1.0
-        net = models.with_tta(network, level).to(device)
-        names = list(hp.get("class_names") or CLASSES)
-        info = {"model": hp["model"], "tta": level, "class_names": names, "temperature": fitted if ckpt.get("calibration") else None}
-        return Classifier(net, names, MEAN, STD, device, str(path), level, info, t)
     raise ModelError(f"{path}: unknown model kind {suffix or '(no suffix)'!r}; expected .ckpt, .safetensors or .onnx")
+
+
+def checkpoint_classifier(ckpt: dict, path: str | Path, device: str = "cpu", tta: int | None = None,
+                          calibrate: bool = True) -> Classifier:  # fmt: skip
+    """The Classifier of a checkpoint already read (``checkpoint.load_checkpoint``): for a caller
+    that also needs the checkpoint itself, so the file is read once. Arguments as ``load_classifier``."""
+    network = network_from_checkpoint(ckpt, path)
+    hp = ckpt["hyper_parameters"]
+    level = hp.get("tta", 0) if tta is None else tta
+    fitted = temperature_of(ckpt.get("calibration"), path)  # checked by network_from_checkpoint
+    t = fitted if calibrate else 1.0
+    net = models.with_tta(network, level).to(device)
+    names = list(hp.get("class_names") or CLASSES)
+    info = {"model": hp["model"], "tta": level, "class_names": names, "temperature": fitted if ckpt.get("calibration") else None}
+    return Classifier(net, names, MEAN, STD, device, str(path), level, info, t)
 
 
 def sniff_model_kind(path: Path) -> str | None:

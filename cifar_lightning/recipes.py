@@ -334,11 +334,6 @@ def check_values(values: dict[str, Any], where: str = "") -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in values}
 
 
-def check_value(name: str, value: Any, where: str = "") -> Any:
-    """One option's value, checked (see ``check_values``)."""
-    return check_values({name: value}, where)[name]
-
-
 def field_kind(name: str) -> str:
     """'bool', 'int', 'float', 'str' or 'list': how a flag parses its text."""
     annotation = FIELDS[name].annotation

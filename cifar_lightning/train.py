@@ -36,7 +36,7 @@ from cifar_lightning.checkpoint import load_checkpoint, non_finite_tensor
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.errors import ConfigError, RunInterruptedError, TrainingFailedError
 from cifar_lightning.fileio import atomic_write, atomic_write_text, is_temp_sibling
-from cifar_lightning.inference import device_for, load_classifier
+from cifar_lightning.inference import checkpoint_classifier, device_for
 from cifar_lightning.models import MODELS
 from cifar_lightning.module import ImageClassifier, NonFiniteLossError
 from cifar_lightning.recipes import TrainConfig, parse_max_time
@@ -314,13 +314,13 @@ def calibrate_checkpoints(trainer: L.Trainer, dm: CIFAR10DataModule, paths: list
 def calibrate_checkpoint(path: Path, images: torch.Tensor, labels: torch.Tensor, split: str, device: torch.device | str,
                          write: bool = True) -> dict[str, Any]:  # fmt: skip
     """Fit T for the checkpoint at ``path`` on (images, labels) and write it into the file
-    (atomically: a kill leaves the old file). The logits come through the one inference path,
-    raw (``calibrate=False``), with the model's test-time views: exactly what inference divides
+    (atomically: a kill leaves the old file). The logits come through the one inference path
+    (``inference.checkpoint_classifier``), raw (``calibrate=False``), with the model's test-time views: exactly what inference divides
     by T. Returns the calibration entry."""
-    logits = load_classifier(path, device=str(device), calibrate=False).logits(images, batch_size=500)
+    ckpt = load_checkpoint(path)  # read once: classified, then written back with T
+    logits = checkpoint_classifier(ckpt, path, device=str(device), calibrate=False).logits(images, batch_size=500)
     entry = calibration.summary(logits, labels.cpu(), calibration.fit_temperature(logits, labels), split)
     if write:
-        ckpt = load_checkpoint(path)
         ckpt["calibration"] = entry
         atomic_write(path, lambda tmp: torch.save(ckpt, tmp), fsync=True)
     return entry

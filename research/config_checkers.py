@@ -63,7 +63,7 @@ def main() -> None:
     refused = []
     for name, value in BAD.items():
         try:
-            recipes.check_value(name, value)
+            recipes.check_values({name: value})
         except recipes.ConfigError as e:
             refused.append(f"{name}={value!r}: {e}")
     print(f"pydantic refuses {len(refused)} of {len(BAD)} bad values from the declared types and bounds:")
