@@ -8,6 +8,7 @@ Its hyper-parameters are input like any other: checked before they size anything
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 import re
@@ -18,7 +19,7 @@ import torch
 
 from cifar_lightning import models
 from cifar_lightning.calibration import temperature_of
-from cifar_lightning.errors import CheckpointError
+from cifar_lightning.errors import CheckpointError, shown
 from cifar_lightning.recipes import TTA_LEVELS
 
 
@@ -62,6 +63,14 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     return ckpt
 
 
+def checkpoint_bytes(ckpt: dict) -> memoryview:
+    """A checkpoint serialised in memory, for ``fileio.atomic_write_bytes``: torch's own file
+    writer turns a full disk into a RuntimeError from its C++ core and leaves a partial file."""
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    return buf.getbuffer()
+
+
 def network_spec_problem(model: Any, model_args: Any, class_names: Any, num_classes: Any = None) -> str | None:
     """What is wrong with a network description read from a file (checkpoint hyper-parameters
     or export metadata), or None. Such a file is input like any other: it must not reach the
@@ -98,6 +107,44 @@ def non_finite_tensor(tensors: dict) -> str | None:
     return None
 
 
+def weights_problem(model: str, kwargs: dict, tensors: dict[str, tuple[tuple[int, ...], bool]]) -> str | None:
+    """Why the weights in a file (name -> (shape, is floating point)) do not fit the network its
+    description names, or None. The network is built on the meta device, which allocates
+    nothing: hyper-parameters read from a file (widths 3000,3000,3000) must never size an
+    allocation that the file's own tensors do not back. Integer or bool tensors where the
+    network holds floats are refused too: loaded, they would be cast into garbage weights."""
+    try:
+        with torch.device("meta"):
+            skeleton = models.build(model, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as e:
+        return f"cannot build {model!r} from its arguments ({_first_line(e)[:200]})"
+    expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.state_dict().items()}
+    missing, unexpected = [k for k in expected if k not in tensors], [k for k in tensors if k not in expected]
+    if missing:
+        return f"missing {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+    if unexpected:
+        return f"unexpected {', '.join(shown(k, 40) for k in unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}"
+    for name, (shape, floating) in expected.items():
+        got_shape, got_floating = tensors[name]
+        if tuple(got_shape) != shape:
+            return f"size mismatch for {name}: the file holds {list(got_shape)}, the network needs {list(shape)}"
+        if got_floating != floating:
+            kind = {True: "floating-point", False: "integer or bool"}
+            return f"{name}: the file holds {kind[got_floating]} values where the network needs {kind[floating]} ones"
+    return None
+
+
+def _state_tensors(state: dict) -> dict[str, tuple[tuple[int, ...], bool]] | None:
+    """The network's tensors of a checkpoint's state_dict by name (without 'net.'), or None
+    when it holds something that is not a tensor of the network."""
+    out = {}
+    for k, v in state.items():
+        if not isinstance(k, str) or not k.startswith("net.") or not isinstance(v, torch.Tensor):
+            return None
+        out[k[4:]] = (tuple(v.shape), v.is_floating_point())
+    return out
+
+
 def state_dict_mismatch(e: BaseException) -> str:
     """The useful line of torch's load_state_dict error: which tensor, which shapes."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -119,6 +166,11 @@ def check_spec(ckpt: dict, path: str | Path = "checkpoint") -> dict:
         known = ", ".join(models.MODELS)
         raise CheckpointError(f"{path}: a checkpoint of network {hp['model']!r}, which this version does not know ({known})")
     temperature_of(ckpt.get("calibration"), path)  # a damaged entry is refused here, not at first use
+    tensors = _state_tensors(ckpt["state_dict"])
+    kwargs = {"num_classes": hp.get("num_classes", 10), **(hp.get("model_args") or {})}
+    mismatch = "it holds entries that are not the network's tensors" if tensors is None else weights_problem(hp["model"], kwargs, tensors)
+    if mismatch:
+        raise CheckpointError(f"{path}: weights do not fit the network it names ({mismatch})")
     return hp
 
 

@@ -113,7 +113,7 @@ def train_main(argv: list[str] | None = None) -> int:
         train_command(cfg)
         return 0
 
-    return exit_status("cifar-train", body)
+    return exit_status("cifar-train", body, sigterm=False)  # Lightning saves a checkpoint on SIGTERM
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -296,4 +296,4 @@ def serve_main(argv: list[str] | None = None) -> int:
                       args.top_k, args.max_upload_mb, args.calibrate)  # fmt: skip
         return 0
 
-    return exit_status("cifar-serve", body)
+    return exit_status("cifar-serve", body, sigterm=False)  # uvicorn shuts down on SIGTERM

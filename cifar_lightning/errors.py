@@ -7,8 +7,12 @@ kind): one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import errno
 import os
+import reprlib
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 
@@ -60,6 +64,27 @@ class RunInterruptedError(Exception):
         self.code = code
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 60, 40, 60
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A value as an error message quotes it: bounded however large or deeply nested it is (a
+    file may hold megabytes, or aliases that expand to billions of items); strings as they are."""
+    text = value if isinstance(value, str) else _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown_names(names: object, limit: int = 5) -> str:
+    """A list of class names as an error quotes it: the first few, each cut short."""
+    items = [str(n) for n in list(names)[: limit + 1]] if isinstance(names, (list, tuple)) else []  # type: ignore[arg-type]
+    if not items:
+        return "none"
+    text = ", ".join(shown(n, 30) for n in items[:limit])
+    return text + (f", ... ({len(names)} in all)" if len(names) > limit else "")  # type: ignore[arg-type]
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """UserError, and Lightning's own configuration error when Lightning was loaded at all."""
     lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
@@ -71,9 +96,30 @@ def _fail(prog: str, message: str, code: int) -> int:
     return code
 
 
-def exit_status(prog: str, body: Callable[[], int]) -> int:
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    # An exception, not the default instant death: the ``finally`` clauses of the atomic
+    # writers then remove their temp files and unfilled claimed folders on the way out.
+    raise RunInterruptedError("stopped by SIGTERM; nothing half-written was left behind", 128 + signum)
+
+
+def disk_message(e: OSError) -> str:
+    """One line for a failed write or read: which file, and a full disk said as such."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the disk writing{where} (files written before are intact; nothing half-written was kept)"
+    return f"cannot write or read{where}: {e.strerror or e} (files written before are intact)"
+
+
+def exit_status(prog: str, body: Callable[[], int], sigterm: bool = True) -> int:
     """Run a command's body; what it raises becomes one line on stderr and an exit status:
-    2 for what the user can fix, 1 for a failure, 128 + N for a stop by signal N."""
+    2 for what the user can fix, 1 for a failure, 128 + N for a stop by signal N.
+
+    ``sigterm`` turns SIGTERM into an exception for the body's duration (so it cleans up like
+    any error). Training passes False: Lightning's own SIGTERM handling saves a checkpoint, and
+    it steps aside when another handler is installed."""
+    previous = None
+    if sigterm and threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return body()
     except RunInterruptedError as e:
@@ -88,8 +134,10 @@ def exit_status(prog: str, body: Callable[[], int]) -> int:
         if isinstance(e, OSError):
             # A full disk, an unwritable folder: say which file; files are written atomically,
             # so the ones already there are intact.
-            where = f" {e.filename}" if e.filename else ""
-            return _fail(prog, f"cannot write or read{where}: {e.strerror or e} (files written before are intact)", 1)
+            return _fail(prog, disk_message(e), 1)
         if os.environ.get("CIFAR_LIGHTNING_DEBUG"):
             raise
         return _fail(prog, f"{type(e).__name__}: {e} (set CIFAR_LIGHTNING_DEBUG=1 for a traceback)", 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -10,6 +10,7 @@ takes away is measured by the same code that measured the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from cifar_lightning import corruptions as corruption
 from cifar_lightning import report
 from cifar_lightning.calibration import ece
 from cifar_lightning.data import CIFAR10DataModule
-from cifar_lightning.errors import ConfigError, DataError
+from cifar_lightning.errors import ConfigError, DataError, shown_names
 from cifar_lightning.fileio import atomic_dir, claim_free_dir, refuse_overlap, sha256_of
 from cifar_lightning.inference import Classifier, device_for, load_classifier
 from cifar_lightning.runs import recorded_data_dir, run_dir_of, saved_run_config
@@ -108,8 +109,10 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     dm.prepare_data()
     dm.setup("fit" if split == "val" else "test")
     ds = dm.val_set if split == "val" else dm.test_set
-    if len(clf.class_names) != len(dm.classes):
-        raise DataError(f"--data-dir {data_dir}: has {len(dm.classes)} classes, the model predicts {len(clf.class_names)}")
+    if list(clf.class_names) != list(dm.classes):
+        # Same count is not enough: 3 other names would be scored against the wrong labels.
+        ours, theirs = shown_names(list(dm.classes)), shown_names(list(clf.class_names))
+        raise DataError(f"--data-dir {data_dir}: its classes ({ours}) are not the model's ({theirs})")
     if len(ds) == 0:
         raise DataError(f"--split {split}: no images to evaluate")
 
@@ -128,16 +131,22 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
         "split": split,
         "data_dir": str(data_dir),
     }
+    claimed = target is None
     target = target or report_dir(model_path, run_dir, None, overwrite)
-    try:
-        def write(tmp: Path) -> dict[str, Any]:
-            return report.write_report(tmp, probs, ds.labels, ds.images, clf.class_names, meta, run_dir=run_dir, grid=grid,
-                                       raw_probs=raw_probs, corruptions=scored)  # fmt: skip
 
+    def write(tmp: Path) -> dict[str, Any]:
+        return report.write_report(tmp, probs, ds.labels, ds.images, clf.class_names, meta, run_dir=run_dir, grid=grid,
+                                   raw_probs=raw_probs, corruptions=scored)  # fmt: skip
+
+    try:
         metrics = atomic_dir(target, write, replace=overwrite)
-    except OSError as e:
-        raise ConfigError(f"--out {target}: cannot write the report ({e.strerror or e})") from None
+    except BaseException:
+        if claimed:  # a folder this run claimed and never filled (an error, a full disk, SIGTERM) is given back
+            with contextlib.suppress(OSError):
+                target.rmdir()
+        raise
     return target, metrics
+
 
 
 def evaluate_command(model: str, data_dir: str | None = None, split: str = "test", out: str | None = None, overwrite: bool = False,

@@ -16,18 +16,19 @@ Only exports bake the temperature into a graph (``Tempered``); everywhere else
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from cifar_lightning import models
 from cifar_lightning.calibration import apply_temperature
 from cifar_lightning.data import load_splits
-from cifar_lightning.errors import ConfigError, DataError, ExportError
+from cifar_lightning.errors import DataError, ExportError
 from cifar_lightning.fileio import atomic_write, atomic_write_text, new_file, refuse_overlap, sha256_of
 from cifar_lightning.images import IMAGE_SIZE, MEAN, STD, normalize
 from cifar_lightning.inference import OnnxNetwork, network_from_safetensors
@@ -93,11 +94,15 @@ def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int, calib
 
 
 def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_images: torch.Tensor,
-           tta: int | None = None, calibrate: bool = True) -> dict[str, Any]:  # fmt: skip
+           tta: int | None = None, calibrate: bool = True, replace: bool = True) -> dict[str, Any]:  # fmt: skip
     """Write ``out`` and its JSON sidecar, after checking the written file against the PyTorch
     network (with the same test-time views) on ``check_images`` (normalised floats). Returns
     the check's figures. ``tta`` defaults to the checkpoint's own level; ``calibrate=False``
-    leaves the temperature out of a graph (it is still recorded in the sidecar)."""
+    leaves the temperature out of a graph (it is still recorded in the sidecar); ``replace=False``
+    never replaces a file that appeared at ``out`` meanwhile.
+
+    Each format is serialised in memory first and written by Python: on a full disk the C++
+    writers of torch and safetensors abort or raise their own errors, and leave a partial file."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
     level = module.hparams.tta if tta is None else tta
@@ -108,33 +113,34 @@ def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_
     reference = (Tempered(reference, in_graph) if in_graph != 1.0 else reference).eval()
     example = check_images[:2].contiguous()
     if fmt == "safetensors":
-        tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-        write = lambda p: save_file(tensors, str(p), metadata={"format": "pt"})  # noqa: E731
+        data = safetensors_bytes({k: v.detach().contiguous() for k, v in net.state_dict().items()}, metadata={"format": "pt"})
     elif fmt == "onnx":
-        write = lambda p: _write_onnx(reference, example, p)  # noqa: E731
+        data = _onnx_bytes(reference, example)
     else:
-        write = lambda p: _write_torchscript(reference, example, p)  # noqa: E731
-    check = atomic_write(out, write, lambda p: verify(p, fmt, meta, reference, check_images))
+        data = _torchscript_bytes(reference, example)
+    check = atomic_write(out, lambda p: p.write_bytes(data), lambda p: verify(p, fmt, meta, reference, check_images), replace=replace)
     meta["check"] = check
     atomic_write_text(sidecar_path(out), json.dumps(meta, indent=2))
     return check
 
 
-def _write_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def _torchscript_bytes(net: torch.nn.Module, example: torch.Tensor) -> bytes:
     """Traced (the networks have no data-dependent control flow). TorchScript is deprecated in
     torch 2.14 in favour of torch.export, but still what C++/mobile deployments load."""
+    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
-        torch.jit.save(torch.jit.trace(net, example), str(path))
+        torch.jit.save(torch.jit.trace(net, example), buf)
+    return buf.getvalue()
 
 
-def _write_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def _onnx_bytes(net: torch.nn.Module, example: torch.Tensor) -> bytes:
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.onnx.export(
         net, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
         dynamic_shapes={"x": {0: batch}}, verbose=False, report=False,
     )  # fmt: skip
-    program.save(str(path))
+    return program.model_proto.SerializeToString()  # the networks are far below protobuf's 2 GB
 
 
 def verify(path: Path, fmt: str, meta: dict, reference: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
@@ -193,10 +199,7 @@ def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite:
     refuse_overlap(sidecar_path(target), {"checkpoint": ckpt_path})
     target = new_file(target, overwrite)
     images, where = check_images(ckpt_path, data_dir, n_check, download, random_check)
-    try:
-        check = export(module, ckpt_path, fmt, target, images, tta=tta, calibrate=calibrate)
-    except OSError as e:
-        raise ConfigError(f"--out {target}: cannot write ({e.strerror or e})") from None
+    check = export(module, ckpt_path, fmt, target, images, tta=tta, calibrate=calibrate, replace=overwrite)
     print(f"wrote {target} and {target.name}.json (test-time views: {module.hparams.tta if tta is None else tta})")
     print(
         f"check on {where}: max |logit difference| {check['max_abs_logit_diff']:.2e} (limit 1e-4), "

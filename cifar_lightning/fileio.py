@@ -37,12 +37,15 @@ def is_temp_sibling(path: Path) -> bool:
 
 
 def atomic_write(
-    path: str | Path, write: Callable[[Path], None], check: Callable[[Path], T] | None = None, fsync: bool = False
+    path: str | Path, write: Callable[[Path], None], check: Callable[[Path], T] | None = None, fsync: bool = False,
+    replace: bool = True,
 ) -> T | None:
-    """write(tmp); result = check(tmp); then tmp replaces ``path``. Returns check's result.
+    """write(tmp); result = check(tmp); then tmp becomes ``path``. Returns check's result.
 
     ``fsync`` flushes the bytes to disk before the rename (for checkpoints: the file a resumed
-    run needs must survive a power cut, not just a kill)."""
+    run needs must survive a power cut, not just a kill). ``replace=False`` never replaces a
+    file: one that appeared at ``path`` while this one was being written (another process
+    given the same --out) is kept, and this write fails instead."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
@@ -53,10 +56,38 @@ def atomic_write(
                 os.fsync(f.fileno())
         result = check(tmp) if check else None
         os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it: some writers use 0600 temp files
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _rename_no_replace(tmp, path)
         return result
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _rename_no_replace(tmp: Path, path: Path) -> None:
+    """tmp -> path, failing if path exists, with no window between the check and the move: a
+    hard link cannot be made over an existing name. Where the file system has no hard links,
+    the check and the rename are separate steps (a window of microseconds, not minutes)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise ConfigError(f"--out {path}: appeared while this was being written (another process?); kept it, wrote nothing") from None
+    except OSError:
+        if path.exists():
+            raise ConfigError(f"--out {path}: appeared while this was being written (another process?); kept it, wrote nothing") from None
+        os.rename(tmp, path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview, fsync: bool = False, replace: bool = True) -> None:
+    """Bytes already serialised in memory, written atomically. What torch or safetensors would
+    write through their C++ writers goes this way: a full disk is then a Python OSError (ENOSPC)
+    with the temp file removed, not an abort or a RuntimeError from inside the library."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write, fsync=fsync, replace=replace)
 
 
 def _umask() -> int:
@@ -65,8 +96,8 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
+def atomic_write_text(path: str | Path, text: str, replace: bool = True) -> None:
+    atomic_write(path, lambda p: p.write_text(text), replace=replace)
 
 
 def atomic_dir(path: str | Path, write: Callable[[Path], T], replace: bool = False) -> T:

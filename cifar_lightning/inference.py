@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from cifar_lightning import models
@@ -36,6 +36,7 @@ from cifar_lightning.checkpoint import (
     network_spec_problem,
     non_finite_tensor,
     state_dict_mismatch,
+    weights_problem,
 )
 from cifar_lightning.errors import CheckpointError, ConfigError, ImageError, ModelError
 from cifar_lightning.images import CLASSES, IMAGE_SIZE, MEAN, STD, is_image_file, load_image, normalize, to_rgb32
@@ -43,6 +44,7 @@ from cifar_lightning.recipes import TTA_LEVELS
 from cifar_lightning.runs import SIDECAR_FORMAT, sidecar_path
 
 MODEL_SUFFIXES = (".ckpt", ".safetensors", ".onnx")
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names of the floating-point dtypes
 
 
 # ----------------------------------------------------------------------------- images
@@ -78,18 +80,29 @@ def as_uint8_batch(images: Sequence[Any] | np.ndarray | torch.Tensor) -> torch.T
 
 
 def network_from_safetensors(path: Path, meta: dict) -> torch.nn.Module:
-    """Rebuild the registered network named in the sidecar and load the safetensors weights."""
+    """Rebuild the registered network named in the sidecar and load the safetensors weights.
+    The file's header (names, shapes, dtypes) is checked against the network first
+    (``checkpoint.weights_problem``): nothing is allocated for a sidecar the weights do not back."""
     if meta.get("model") not in models.MODELS:
         raise ModelError(f"{path}: exported network {meta.get('model')!r} is not one this version knows")
+    kwargs = meta.get("model_args", {}) or {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype() in FLOAT_DTYPES) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{path}: not a readable safetensors file ({str(e)[:200]})") from None
+    problem = weights_problem(meta["model"], kwargs, header)
+    if problem:
+        raise ModelError(f"{path}: weights do not fit network {meta['model']!r} ({problem})")
     try:
         weights = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+        raise ModelError(f"{path}: not a readable safetensors file ({str(e)[:200]})") from None
     bad = non_finite_tensor(weights)
     if bad:
         raise ModelError(f"{path}: refused: weight {bad} holds NaN or infinite values")
     try:
-        net = models.build(meta["model"], **meta.get("model_args", {}))
+        net = models.build(meta["model"], **kwargs)
         net.load_state_dict(weights)
     except (RuntimeError, TypeError, ValueError) as e:
         raise ModelError(f"{path}: weights do not fit network {meta['model']!r} ({state_dict_mismatch(e)})") from None
@@ -110,7 +123,7 @@ class OnnxNetwork:
         shape = inputs[0].shape if len(inputs) == 1 else None
         if shape is None or len(shape) != 4 or list(shape[1:]) != [3, IMAGE_SIZE, IMAGE_SIZE]:
             raise ModelError(f"{path}: an ONNX model of another kind (expects input {shape}, not N x 3 x 32 x 32)")
-        self.input_name = inputs[0].name
+        self.input_name, self.path = inputs[0].name, path
         # A graph exported for a fixed batch (often 1) is run in pieces of that size.
         self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
 
@@ -118,13 +131,27 @@ class OnnxNetwork:
         x = x.float().cpu().contiguous()
         n = self.fixed_batch
         if n is None or len(x) == n:
-            return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
+            return self._run(x)
         outs = []
         for i in range(0, len(x), n):
             part = x[i : i + n]
             padded = torch.cat([part, part.new_zeros(n - len(part), *part.shape[1:])]) if len(part) < n else part
-            outs.append(torch.from_numpy(self.session.run(None, {self.input_name: padded.numpy()})[0][: len(part)]))
+            outs.append(self._run(padded)[: len(part)])
         return torch.cat(outs)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """One batch through the graph; a graph whose scores do not come one row per image is a
+        model of another kind, whatever batch first revealed it."""
+        try:
+            out = self.session.run(None, {self.input_name: x.numpy()})[0]
+        except Exception as e:  # onnxruntime's own error types
+            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise ModelError(f"{self.path}: the ONNX model does not run on a {len(x)} x 3 x 32 x 32 batch ({why})") from None
+        if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[0] != len(x) or not np.issubdtype(out.dtype, np.floating):
+            shape = getattr(out, "shape", None)
+            raise ModelError(f"{self.path}: an ONNX model of another kind (a batch of {len(x)} images gives outputs of shape {shape}, "
+                             "not one row of class scores per image)")  # fmt: skip
+        return torch.from_numpy(out)
 
     def eval(self) -> OnnxNetwork:
         return self
@@ -253,10 +280,7 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
         meta = read_sidecar(path, required=False)
         net = OnnxNetwork(path)
         names = _class_names(meta, path)
-        try:
-            out = net(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
-        except Exception as e:  # onnxruntime's own error types
-            raise ModelError(f"{path}: the ONNX model does not run on a 1 x 3 x 32 x 32 batch ({str(e).splitlines()[0][:200]})") from None
+        out = net(torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE))[:1]  # two images: the scores must follow the batch
         if tuple(out.shape) != (1, len(names)):
             raise ModelError(f"{path}: an ONNX model of another kind (gives {tuple(out.shape)} outputs, not 1 x {len(names)} class scores)")
         if not bool(torch.isfinite(out).all()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -81,7 +82,12 @@ class ImageClassifier(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: TrainConfig, classes: list[str]) -> ImageClassifier:
         """The module a recipe asks for (its values were checked by the recipe)."""
-        return cls(
+        return cls(**cls.config_args(cfg, classes))
+
+    @staticmethod
+    def config_args(cfg: TrainConfig, classes: list[str]) -> dict[str, Any]:
+        """The constructor's arguments a recipe gives: also what a resumed run must agree with."""
+        return dict(
             model=cfg.model, num_classes=len(classes), lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
             schedule=cfg.schedule, momentum=cfg.momentum, label_smoothing=cfg.label_smoothing, class_names=list(classes),
             model_args=cfg.model_args(), norm_bias_lr_scale=cfg.norm_bias_lr_scale, warmup_fraction=cfg.warmup_fraction,

@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from cifar_lightning.errors import ConfigError
+from cifar_lightning.errors import ConfigError, shown
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULES = ("none", "cosine", "onecycle", "triangle")
@@ -251,7 +251,7 @@ def preset(name: str) -> dict[str, Any]:
     if name not in preset_names():
         raise ConfigError(f"--preset {name!r}: choose from {', '.join(preset_names())}")
     text = resources.files("cifar_lightning").joinpath("presets", f"{name}.yaml").read_text()
-    return _mapping(yaml.safe_load(text), f"preset {name}")
+    return _mapping(load_recipe_yaml(text), f"preset {name}")
 
 
 def preset_file(name: str) -> str:
@@ -268,15 +268,38 @@ def implied_preset(values: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- reading and checking
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a megabyte is no recipe
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML without aliases: a recipe never needs them, and nested ones (a "billion laughs")
+    expand a few hundred bytes into billions of items for whatever walks the value."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a recipe", mark)
+        return super().compose_node(parent, index)
+
+
+def load_recipe_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader)
+
+
 def read_yaml(path: str | Path, what: str = "--config") -> dict[str, Any]:
-    """A YAML mapping of option: value (keys as flag names, - or _), checked."""
+    """A YAML mapping of option: value (keys as flag names, - or _), checked; bounded in size
+    and refused with aliases before anything is built from it."""
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+        if len(data) > MAX_RECIPE_BYTES:
+            raise ConfigError(f"{what} {path}: over {MAX_RECIPE_BYTES >> 20} MB, not a recipe")
+        raw = load_recipe_yaml(data.decode("utf-8"))
     except OSError as e:
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
     except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{what} {path}: not valid YAML ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{what} {path}: not valid YAML ({shown(first, 160)})") from None
     return _mapping(raw, f"{what} {path}")
 
 
@@ -287,16 +310,16 @@ def _mapping(raw: Any, where: str) -> dict[str, Any]:
     values = {str(k).replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {_shown(', '.join(unknown))}")
+        raise ConfigError(f"{where}: unknown option(s) {shown(', '.join(unknown[:10]))}")
     if values.get("preset") is not None:
         values["preset"] = str(values["preset"])  # `preset: 94` in YAML is an int
     return check_values(values, where)
 
 
-def _shown(value: Any, limit: int = 80) -> str:
-    """A value as an error message quotes it: its repr, cut short (a file may hold megabytes)."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+def _quoted(value: Any) -> str:
+    """A bad value as the error quotes it: a string in quotes, anything else bounded (``errors.shown``)."""
+    return shown(repr(value[:100]) if isinstance(value, str) else value)
 
 
 def _one_line(e: ValidationError, where: str) -> ConfigError:
@@ -305,7 +328,7 @@ def _one_line(e: ValidationError, where: str) -> ConfigError:
     name = str(err["loc"][0]) if err["loc"] else "?"
     value, kind, ctx = err.get("input"), err["type"], err.get("ctx") or {}
     prefix = f"{where}: " if where else ""
-    got = f", got {_shown(repr(value))}"
+    got = f", got {_quoted(value)}"
     if kind == "recipe":
         return ConfigError(f"{prefix}{flag(name)} {err['msg']}{got}")
     if kind == "value_error":
@@ -313,7 +336,7 @@ def _one_line(e: ValidationError, where: str) -> ConfigError:
     if value is None and kind not in ("recipe", "value_error"):
         return ConfigError(f"{prefix}{flag(name)} needs a value{got}")
     if kind == "literal_error":
-        return ConfigError(f"{prefix}{flag(name)} {_shown(repr(value))}: choose from {', '.join(map(str, choices(name)))}")
+        return ConfigError(f"{prefix}{flag(name)} {_quoted(value)}: choose from {', '.join(map(str, choices(name)))}")
     expected = {
         "greater_than_equal": f"must be >= {ctx.get('ge')}", "less_than_equal": f"must be <= {ctx.get('le')}",
         "greater_than": f"must be > {ctx.get('gt')}", "less_than": f"must be < {ctx.get('lt')}",

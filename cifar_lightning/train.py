@@ -32,10 +32,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_lightning import calibration, runs
 from cifar_lightning.callbacks import EpochReport, Lookahead, RunEstimate, StepCheckpoint, StopOnSignal, TensorBoardImages
-from cifar_lightning.checkpoint import load_checkpoint, non_finite_tensor
+from cifar_lightning.checkpoint import checkpoint_bytes, load_checkpoint, non_finite_tensor
 from cifar_lightning.data import CIFAR10DataModule
-from cifar_lightning.errors import ConfigError, RunInterruptedError, TrainingFailedError
-from cifar_lightning.fileio import atomic_write, atomic_write_text, is_temp_sibling
+from cifar_lightning.errors import ConfigError, RunInterruptedError, TrainingFailedError, shown_names
+from cifar_lightning.fileio import atomic_write_bytes, atomic_write_text, is_temp_sibling
 from cifar_lightning.inference import checkpoint_classifier, device_for
 from cifar_lightning.models import MODELS
 from cifar_lightning.module import ImageClassifier, NonFiniteLossError
@@ -47,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Lightning writes through an fsspec transaction whose temporary file lives in the system
     temp dir: across file systems the final move is a copy, which a kill can cut short. Here
-    the bytes go through ``checkpoint.atomic_write`` (a hidden sibling, flushed to disk, then
+    the bytes, serialised in memory, go through ``fileio.atomic_write_bytes`` (a hidden sibling, flushed to disk, then
     renamed); on any error the previous checkpoint is untouched.
     """
 
@@ -58,12 +58,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             # Never a poisoned checkpoint: the previous one stays the last good one.
             raise NonFiniteLossError(f"the weights became non-finite ({bad}) by step {checkpoint.get('global_step')}; not saved")
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-
         try:
-            atomic_write(path, write, fsync=True)
+            atomic_write_bytes(path, checkpoint_bytes(checkpoint), fsync=True)
         except OSError as e:
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
@@ -153,10 +149,21 @@ def check_before_start(cfg: TrainConfig) -> None:
 
 def build_data(cfg: TrainConfig) -> CIFAR10DataModule:
     """Step 1: the data module, loaded and split. Data problems surface here, before a run
-    directory exists."""
+    directory exists: so does a split that leaves nothing to train or calibrate on, which would
+    otherwise fail only after training."""
     dm = CIFAR10DataModule.from_config(cfg)
     dm.prepare_data()
     dm.setup("fit")
+    if len(dm.train_set) == 0:
+        raise ConfigError(f"no training images left after --val-size {cfg.val_size} (the data has {len(dm.train_set) + len(dm.val_set)})")
+    split = cfg.calibration_split()
+    fit_on = dm.calib_set if split == "heldout" else dm.val_set if split == "val" else None
+    if fit_on is not None and len(fit_on) == 0:
+        left = len(dm.train_set) + len(dm.calib_set)
+        raise ConfigError(
+            f"--calibrate {split}: no images to fit the temperature on ({left} images are left after --val-size "
+            f"{cfg.val_size}, and at most a tenth of them are held out); lower --val-size, or use --calibrate none"
+        )
     return dm
 
 
@@ -174,6 +181,7 @@ def build_module(cfg: TrainConfig, classes: list[str]) -> RunStart:
     if cfg.resume:
         resume_ckpt = Path(cfg.resume)
         module = ImageClassifier.from_checkpoint(resume_ckpt)
+        check_resume_agrees(cfg, classes, module)
         run_dir = runs.run_dir_of_resumed(resume_ckpt)
     else:
         resume_ckpt = None
@@ -188,6 +196,27 @@ def build_module(cfg: TrainConfig, classes: list[str]) -> RunStart:
         module = module.to(memory_format=torch.channels_last)
         module.channels_last = True
     return RunStart(module, run_dir, resume_ckpt)
+
+
+def check_resume_agrees(cfg: TrainConfig, classes: list[str], module: ImageClassifier) -> None:
+    """A resumed run trains the checkpoint's network with its own hyper-parameters: a data dir
+    of other classes, or a flag asking for another network or optimiser, is refused before the
+    run's record changes (its config.yaml must stay true to what trains)."""
+    hp = module.hparams
+    names = list(hp.get("class_names") or [])
+    if len(classes) != int(hp.num_classes) or (names and names != list(classes)):
+        raise ConfigError(
+            f"--resume {cfg.resume}: the run trains {int(hp.num_classes)} classes ({shown_names(names)}), "
+            f"--data-dir {cfg.data_dir} has {len(classes)} ({shown_names(classes)}); resume on the run's data"
+        )
+    for key, wanted in ImageClassifier.config_args(cfg, classes).items():
+        if key not in ("num_classes", "class_names") and key in hp and hp[key] != wanted:
+            flag = {"model_args": "--widths/--depth"}.get(key, "--" + key.replace("_", "-"))
+            raise ConfigError(
+                f"{flag}: a resumed run keeps its checkpoint's value ({str(hp[key])[:60]}), not {str(wanted)[:60]}; "
+                "start a new run with --init-from to change it"
+            )
+
 
 
 def load_init_weights(module: ImageClassifier, cfg: TrainConfig) -> None:
@@ -322,7 +351,7 @@ def calibrate_checkpoint(path: Path, images: torch.Tensor, labels: torch.Tensor,
     entry = calibration.summary(logits, labels.cpu(), calibration.fit_temperature(logits, labels), split)
     if write:
         ckpt["calibration"] = entry
-        atomic_write(path, lambda tmp: torch.save(ckpt, tmp), fsync=True)
+        atomic_write_bytes(path, checkpoint_bytes(ckpt), fsync=True)
     return entry
 
 
@@ -379,13 +408,15 @@ def run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) ->
     dm = build_data(cfg)
     classes = list(dm.classes)
     start = build_module(cfg, classes)
-    if launch_rank() == 0:
-        config = {k: v for k, v in cfg.to_dict().items() if k != "resume"}
-        atomic_write_text(start.run_dir / runs.CONFIG, TrainConfig(**config).to_yaml())
     checkpoints = build_checkpoints(cfg, start.run_dir)
     try:
         steps_per_epoch = -(-len(dm.train_set) // cfg.batch_size)
         trainer = build_trainer(cfg, start.run_dir, classes, checkpoints, steps_per_epoch, callbacks)
+        # The record is written once everything that can be checked before training has been:
+        # a resumed run's config.yaml changes only when the run goes ahead.
+        if launch_rank() == 0:
+            config = {k: v for k, v in cfg.to_dict().items() if k != "resume"}
+            atomic_write_text(start.run_dir / runs.CONFIG, TrainConfig(**config).to_yaml())
     except BaseException:
         if not start.resume_ckpt:  # a new run that never started: leave no empty run directory behind
             shutil.rmtree(start.run_dir, ignore_errors=True)
