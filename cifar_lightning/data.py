@@ -11,7 +11,9 @@ workers costs more than the seed network itself.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import sys
 from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from torchvision.datasets import CIFAR10
 
 from cifar_lightning.augment import BatchAugment, alternating_flip
-from cifar_lightning.errors import DataError, ImageError
+from cifar_lightning.errors import DataError, ImageError, printable
 from cifar_lightning.fileio import atomic_write
 from cifar_lightning.images import CLASSES, IMAGE_SIZE, IMAGE_SUFFIXES, is_image_file, load_image, normalize
 from cifar_lightning.recipes import TrainConfig, check_values
@@ -142,6 +144,20 @@ def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _check_class_name(class_dir: Path) -> None:
+    """A class name is written into results.json, config.yaml, checkpoints and figures, which
+    all need text: a folder name that is not UTF-8 is refused here, in one line naming it,
+    rather than failing in one of those writers after training. (Image file names may be any
+    bytes: they are only opened and hashed.)"""
+    try:
+        class_dir.name.encode("utf-8")
+    except UnicodeError:
+        raise DataError(
+            f"{printable(class_dir)}: class folder name is not valid UTF-8 (class names go into results and "
+            "checkpoints); rename the folder"
+        ) from None
+
+
 def _image_files(class_dir: Path) -> list[Path]:
     return sorted(p for p in class_dir.rglob("*") if is_image_file(p))
 
@@ -152,22 +168,23 @@ def imagefolder_listing(data_dir: Path) -> dict[str, list[tuple[str, list[Path]]
     for split in ("train", "test"):
         split_dir = data_dir / split
         if not split_dir.is_dir():
-            raise DataError(f"{split_dir}: missing; an image-folder data dir needs train/<class>/ and test/<class>/")
+            raise DataError(f"{printable(split_dir)}: missing; an image-folder data dir needs train/<class>/ and test/<class>/")
         classes = _class_dirs(split_dir)
         if not classes:
-            raise DataError(f"{split_dir}: no class folders found")
+            raise DataError(f"{printable(split_dir)}: no class folders found")
         entries = []
         for class_dir in classes:
+            _check_class_name(class_dir)
             files = _image_files(class_dir)
             if not files:
-                raise DataError(f"{class_dir}: class folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise DataError(f"{printable(class_dir)}: class folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             entries.append((class_dir.name, files))
         listing[split] = entries
     train_classes = [c for c, _ in listing["train"]]
     test_classes = [c for c, _ in listing["test"]]
     if train_classes != test_classes:
         raise DataError(
-            f"{data_dir}: train and test class folders differ: "
+            f"{printable(data_dir)}: train and test class folders differ: "
             f"train has {train_classes}, test has {test_classes}"
         )
     return listing
@@ -178,7 +195,7 @@ def decode_image(path: Path) -> np.ndarray:
     try:
         return load_image(path).transpose(2, 0, 1)
     except ImageError as e:
-        raise DataError(f"{path}: not a readable image ({str(e).removeprefix(f'{path}: ')})") from None
+        raise DataError(f"{printable(path)}: not a readable image ({str(e).removeprefix(f'{printable(path)}: ')})") from None
 
 
 def decode_listing(entries: list[tuple[str, list[Path]]]) -> Images:
@@ -191,13 +208,15 @@ def decode_listing(entries: list[tuple[str, list[Path]]]) -> Images:
 
 
 def listing_fingerprint(listing: dict[str, list[tuple[str, list[Path]]]], root: Path) -> str:
-    """Hash of every file's relative path, size and mtime: any change makes the cache stale."""
+    """Hash of every file's relative path, size and mtime: any change makes the cache stale.
+    Paths are hashed as the file system's bytes (``os.fsencode``): a name that is not UTF-8 is
+    a valid file name, and for every UTF-8 name the bytes are those of ``str.encode``."""
     h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
     for split, entries in listing.items():
         for cls, files in entries:
             for f in files:
                 st = f.stat()
-                h.update(f"{split}/{cls}/{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                h.update(os.fsencode(f"{split}/{cls}/{f.relative_to(root)}") + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -210,15 +229,16 @@ def default_cache_dir() -> Path:
 
 
 def cache_path_for(data_dir: Path, cache_dir: Path) -> Path:
-    key = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(os.fsencode(data_dir.resolve())).hexdigest()[:16]
     return cache_dir / f"{data_dir.resolve().name}-{key}.pt"
 
 
 def _read_cache(path: Path, fingerprint: str) -> dict[str, Images] | None:
-    """The cached splits, or None when the cache is absent, stale or unreadable."""
-    if not path.is_file():
-        return None
+    """The cached splits, or None when the cache is absent, stale, truncated or unreadable
+    (even its folder: a cache only saves decoding, so any failure here means decode again)."""
     try:
+        if not path.is_file():
+            return None
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if blob.get("fingerprint") != fingerprint:
             return None
@@ -238,15 +258,27 @@ def _read_cache(path: Path, fingerprint: str) -> dict[str, Images] | None:
 
 
 def _write_cache(path: Path, fingerprint: str, splits: dict[str, Images]) -> bool:
-    """Atomic write (temp file + rename); False if the cache dir is not writable."""
+    """Atomic write (temp file + rename); False, with one warning line, when the cache cannot be
+    written (an unwritable or full cache dir, a quota): the cache only saves decoding next
+    time, so the run goes on without it.
+
+    The blob is serialised in memory first and written as plain bytes: torch.save writing to a
+    file on a full disk fails inside its C++ zip writer with a cryptic RuntimeError, while a
+    Python write fails with a clean OSError(ENOSPC), and ``atomic_write`` removes its temporary
+    file whatever went wrong, so no partial file is left in the cache dir."""
     blob = {"fingerprint": fingerprint, "classes": list(splits["train"].classes)}
     for split, d in splits.items():
         blob[f"{split}_images"] = d.images
         blob[f"{split}_labels"] = d.labels
     try:
-        atomic_write(path, lambda tmp: torch.save(blob, tmp))
+        buffer = io.BytesIO()
+        torch.save(blob, buffer)
+        atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
         return True
-    except OSError:
+    except (OSError, RuntimeError, MemoryError) as e:  # RuntimeError: torch's writer
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200] or type(e).__name__
+        print(f"warning: decoded-image cache {printable(path)} not written ({reason}); going on without it "
+              "(the images are decoded again next run)", file=sys.stderr, flush=True)  # fmt: skip
         return False
 
 

@@ -69,6 +69,18 @@ _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 2, 
 _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 60, 40, 60
 
 
+def printable(path: object) -> str:
+    """A path (or a message holding one) as stderr, JSON or YAML can carry it: a name that is
+    not UTF-8 (on POSIX, str holds its bytes as lone surrogates, which .encode(), json and yaml
+    refuse) shows each such byte as \\xNN; any other text is returned as it is."""
+    text = str(path)
+    try:
+        raw = os.fsencode(text)
+    except UnicodeError:  # lone surrogates that are no file system's bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def shown(value: object, limit: int = 80) -> str:
     """A value as an error message quotes it: bounded however large or deeply nested it is (a
     file may hold megabytes, or aliases that expand to billions of items); strings as they are."""
@@ -92,7 +104,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _fail(prog: str, message: str, code: int) -> int:
-    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    print(f"{prog}: error: {printable(' '.join(message.split()))}", file=sys.stderr)
     return code
 
 
@@ -106,7 +118,7 @@ def disk_message(e: OSError) -> str:
     """One line for a failed write or read: which file, and a full disk said as such."""
     where = f" {e.filename}" if e.filename else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left on the disk writing{where} (files written before are intact; nothing half-written was kept)"
+        return f"no space left on the disk writing{where} ({e.strerror}; files written before are intact, nothing half-written was kept)"
     return f"cannot write or read{where}: {e.strerror or e} (files written before are intact)"
 
 

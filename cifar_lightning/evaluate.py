@@ -45,9 +45,14 @@ def report_dir(model_path: Path, run_dir: Path | None, out: str | None, overwrit
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise ConfigError(f"--out {path}: exists and is not empty; pass --overwrite or choose another folder")
         return path
+    return claim_free_dir(default_report_base(model_path, run_dir))
+
+
+def default_report_base(model_path: Path, run_dir: Path | None) -> Path:
+    """report/ in a checkpoint's run, else <file>_report beside the file (before any _2, _3)."""
     if run_dir is not None and model_path.suffix.lower() == ".ckpt":
-        return claim_free_dir(run_dir / "report")
-    return claim_free_dir(model_path.with_name(f"{model_path.stem}_report"))
+        return run_dir / "report"
+    return model_path.with_name(f"{model_path.stem}_report")
 
 
 def corruption_names(spec: str | None) -> list[str]:
@@ -99,6 +104,9 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     if out:
         refuse_overlap(Path(out), {"model file": model_path, "source checkpoint": source, "training run": run_dir,
                                    "data dir": Path(data_dir)}, inside={"data dir": Path(data_dir)})  # fmt: skip
+    else:  # the default folder, beside a model file kept inside the data, would add its PNGs to the data
+        refuse_overlap(default_report_base(model_path, run_dir), {"data dir": Path(data_dir)}, inside={"data dir": Path(data_dir)},
+                       flag="the report folder")  # fmt: skip
     # A given --out is checked before the work; a default folder is claimed only once there is a report to put in it.
     target = report_dir(model_path, run_dir, out, overwrite) if out else None
 

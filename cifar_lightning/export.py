@@ -195,8 +195,12 @@ def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite:
     ckpt_path = Path(checkpoint)
     module = ImageClassifier.from_checkpoint(ckpt_path)
     target = export_path(Path(out), fmt)
-    refuse_overlap(target, {"checkpoint": ckpt_path})
-    refuse_overlap(sidecar_path(target), {"checkpoint": ckpt_path})
+    try:
+        data = recorded_data_dir(ckpt_path, data_dir)
+    except DataError:  # gone: check_images says so below, or --random-check does without it
+        data = None
+    for path in (target, sidecar_path(target)):
+        refuse_overlap(path, {"checkpoint": ckpt_path}, inside={"data dir": Path(data) if data else None})
     target = new_file(target, overwrite)
     images, where = check_images(ckpt_path, data_dir, n_check, download, random_check)
     check = export(module, ckpt_path, fmt, target, images, tta=tta, calibrate=calibrate, replace=overwrite)

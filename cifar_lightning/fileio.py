@@ -165,7 +165,8 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def refuse_overlap(out: Path, inputs: dict[str, Path | None], inside: dict[str, Path | None] | None = None) -> None:
+def refuse_overlap(out: Path, inputs: dict[str, Path | None], inside: dict[str, Path | None] | None = None,
+                   flag: str = "--out") -> None:  # fmt: skip
     """An output may not be, or contain, any of ``inputs`` (a user's checkpoint, run or data),
     nor lie inside any of ``inside`` (e.g. the data dir, where report PNGs would become training
     images): refused whatever --overwrite says, through any alias (symlinks, '..', hard links)."""
@@ -174,10 +175,10 @@ def refuse_overlap(out: Path, inputs: dict[str, Path | None], inside: dict[str, 
         if path is not None:
             p = _real(path)
             if target == p or target in p.parents or _same_file(out, path):
-                raise ConfigError(f"--out {out}: would overwrite the {what} {path}; choose another path")
+                raise ConfigError(f"{flag} {out}: would overwrite the {what} {path}; choose another path")
     for what, path in (inside or {}).items():
         if path is not None and _real(path) in target.parents:
-            raise ConfigError(f"--out {out}: lies inside the {what} {path}; choose a path outside it")
+            raise ConfigError(f"{flag} {out}: lies inside the {what} {path}; choose a path outside it")
 
 
 def new_file(path: str | Path, overwrite: bool) -> Path:

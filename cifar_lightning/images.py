@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cifar_lightning.errors import ImageError, ImageTooLargeError, NotAnImageError
+from cifar_lightning.errors import ImageError, ImageTooLargeError, NotAnImageError, printable
 
 CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -107,13 +107,14 @@ def decode(source: str | Path | BinaryIO, name: str) -> np.ndarray:
 def load_image(path: str | Path) -> np.ndarray:
     """An image file -> (32, 32, 3) uint8 RGB; ImageError naming the file otherwise."""
     path = Path(path)
+    name = printable(path)
     try:
         if path.is_dir():
-            raise ImageError(f"{path}: is a directory")
+            raise ImageError(f"{name}: is a directory")
         if path.stat().st_size == 0:
-            raise ImageError(f"{path}: empty file")
+            raise ImageError(f"{name}: empty file")
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{name}: no such file") from None
     except OSError as e:
-        raise ImageError(f"{path}: unreadable image ({e})") from None
-    return decode(path, str(path))
+        raise ImageError(f"{name}: unreadable image ({e.strerror or e})") from None
+    return decode(path, name)

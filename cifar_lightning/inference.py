@@ -38,7 +38,7 @@ from cifar_lightning.checkpoint import (
     state_dict_mismatch,
     weights_problem,
 )
-from cifar_lightning.errors import CheckpointError, ConfigError, ImageError, ModelError
+from cifar_lightning.errors import CheckpointError, ConfigError, ImageError, ModelError, printable
 from cifar_lightning.images import CLASSES, IMAGE_SIZE, MEAN, STD, is_image_file, load_image, normalize, to_rgb32
 from cifar_lightning.recipes import TTA_LEVELS
 from cifar_lightning.runs import SIDECAR_FORMAT, sidecar_path
@@ -348,9 +348,9 @@ def predict_files(clf: Classifier, files: Sequence[Path], top_k: int = 3, batch_
         try:
             images.append(torch.from_numpy(load_image(f)).permute(2, 0, 1))
             good.append(len(results))
-            results.append({"path": str(f)})
+            results.append({"path": printable(f)})
         except ImageError as e:
-            results.append({"path": str(f), "error": str(e)})
+            results.append({"path": printable(f), "error": str(e)})
     if images:
         probs = clf.probabilities(torch.stack(images), batch_size)
         for i, top in zip(good, clf.top_k(probs, top_k), strict=True):

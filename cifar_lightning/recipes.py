@@ -152,6 +152,18 @@ class TrainConfig(BaseModel):
             raise PydanticCustomError("recipe", "expects three positive channel counts like 64,256,256")
         return parts
 
+    @field_validator("data_dir", "log_dir", "resume", "init_from")
+    @classmethod
+    def _utf8_path(cls, value: Any) -> Any:
+        # A name that is not UTF-8 (bytes held as lone surrogates) cannot be recorded in
+        # config.yaml, results.json or TensorBoard: refused now, not after the training.
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise PydanticCustomError("recipe", "is not a valid UTF-8 path, which a run record cannot hold; rename it") from None
+        return value
+
     @field_validator("tta", "depth", mode="before")
     @classmethod
     def _not_a_bool(cls, value: Any) -> Any:

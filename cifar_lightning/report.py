@@ -37,10 +37,12 @@ from torchmetrics.classification import (  # noqa: E402
 from cifar_lightning.augment import BatchAugment  # noqa: E402
 from cifar_lightning.calibration import N_BINS, ece  # noqa: E402
 from cifar_lightning.data import load_splits  # noqa: E402
-from cifar_lightning.errors import ConfigError  # noqa: E402
+from cifar_lightning.errors import ConfigError, printable  # noqa: E402
 from cifar_lightning.fileio import atomic_write, new_file, refuse_overlap  # noqa: E402
 
 GOOD, BAD = "#1a7f37", "#cf222e"  # green for right, red for wrong
+#: longer user texts (class names are folder names, up to 255 bytes) are shortened in figures
+MAX_LABEL = 60
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -85,6 +87,21 @@ def most_confident_mistakes(labels: torch.Tensor, probs: torch.Tensor, n: int) -
 # ----------------------------------------------------------------------------- figures
 
 
+def literal(text: object, max_chars: int = MAX_LABEL) -> str:
+    """User text (a class name, a title naming a path) as a figure must be given it to draw it
+    as it is: matplotlib reads a text with two or more ``$`` as math markup, so ``$x$`` would
+    be drawn as math and ``$$`` or ``a$b$c`` would fail to parse and stop the whole figure.
+    Every ``$`` is escaped (``\\$``, which matplotlib draws as ``$`` and which makes no text
+    math), so backslashes, ``^`` and ``_`` are drawn as typed too. Escaping the text itself,
+    rather than switching math off in an rc context, holds also where a figure is drawn after
+    this module returned it (TensorBoard's ``add_figure``). A very long text is shortened in
+    the middle; a name that is not UTF-8 shows its bytes as \\xNN."""
+    s = printable(str(text))
+    if len(s) > max_chars:
+        s = f"{s[: max_chars // 2 - 1]}…{s[-(max_chars - max_chars // 2):]}"
+    return s.replace("$", r"\$")
+
+
 def _to_hwc(image: torch.Tensor) -> np.ndarray:
     x = image.detach().cpu()
     if x.dtype != torch.uint8:
@@ -99,9 +116,10 @@ def confusion_figure(confusion: Sequence[Sequence[int]] | np.ndarray, class_name
     accuracy = np.trace(cm) / total if total else float("nan")
     data = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
     fig, ax = plt.subplots(figsize=(9, 7.5))
+    names = [literal(name) for name in class_names]
     sns.heatmap(
         data, annot=True, fmt=".2f" if normalize else ".0f", cmap="Blues", square=True, cbar=True,
-        xticklabels=class_names, yticklabels=class_names, ax=ax, annot_kws={"size": 9},
+        xticklabels=names, yticklabels=names, ax=ax, annot_kws={"size": 9},
         vmin=0, vmax=1 if normalize else None, linewidths=0.5, linecolor="white",
     )  # fmt: skip
     ax.set_xlabel("predicted class", fontsize=12)
@@ -130,11 +148,11 @@ def prediction_grid(
         ax.imshow(_to_hwc(images[i]), interpolation="nearest")
         right = int(pred[i]) == int(labels[i])
         ax.set_title(
-            f"true: {class_names[int(labels[i])]}\npred: {class_names[int(pred[i])]} {float(conf[i]):.2f}",
+            f"true: {literal(class_names[int(labels[i])], 24)}\npred: {literal(class_names[int(pred[i])], 19)} {float(conf[i]):.2f}",
             color=GOOD if right else BAD, fontsize=9,
         )  # fmt: skip
     if title:
-        fig.suptitle(title, fontsize=13)
+        fig.suptitle(literal(title, 200), fontsize=13)
     fig.tight_layout()
     return fig
 
@@ -142,11 +160,13 @@ def prediction_grid(
 def per_class_figure(metrics: dict) -> Figure:
     """Per-class recall (= accuracy on that class), sorted, against the overall accuracy."""
     items = sorted(((v["recall"], k) for k, v in metrics["per_class"].items()))
-    values, names = [v for v, _ in items], [k for _, k in items]
+    values, names = [v for v, _ in items], [literal(k) for _, k in items]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
     overall = metrics["accuracy"]
     colors = [GOOD if v >= overall else "#bf8700" for v in values]
-    ax.barh(names, values, color=colors)
+    # Bars at positions, names as tick labels: shortened names that happen to be equal stay two bars.
+    ax.barh(range(len(names)), values, color=colors)
+    ax.set_yticks(range(len(names)), names)
     for y, v in enumerate(values):
         ax.text(v + 0.005, y, f"{v:.1%}", va="center", fontsize=10)
     ax.axvline(overall, color="black", linestyle="--", linewidth=1, label=f"overall {overall:.1%}")
@@ -210,10 +230,11 @@ def corruption_figure(results: dict) -> Figure:
     for i, name in enumerate(names):
         for j, r in enumerate(results[name]):
             acc[i, j] = r["accuracy"]
-            labels[i, j] = f"{r['accuracy']:.1%}\n{r['label']}"
+            labels[i, j] = f"{r['accuracy']:.1%}\n{literal(r['label'])}"
     fig, ax = plt.subplots(figsize=(2.2 * width + 2.5, 0.75 * len(names) + 1.5))
     sns.heatmap(acc, annot=labels, fmt="", cmap="RdYlGn", vmin=0.5, vmax=1.0, mask=np.isnan(acc), ax=ax,
-                xticklabels=[f"severity {j + 1}" for j in range(width)], yticklabels=names, cbar_kws={"label": "accuracy"})  # fmt: skip
+                xticklabels=[f"severity {j + 1}" for j in range(width)], yticklabels=[literal(n) for n in names],
+                cbar_kws={"label": "accuracy"})  # fmt: skip
     ax.set_title("Accuracy on corrupted copies of the split")
     ax.tick_params(axis="y", rotation=0)
     fig.tight_layout()
@@ -299,7 +320,7 @@ def data_grid_figure(
             if j < len(row):
                 ax.imshow(_to_hwc(row[j]), interpolation="nearest")
             if j == 0:
-                ax.set_ylabel(class_names[k], rotation=0, ha="right", va="center", fontsize=11)
+                ax.set_ylabel(literal(class_names[k]), rotation=0, ha="right", va="center", fontsize=11)
             if augment is not None and k == 0:
                 ax.set_title("original" if j == 0 else f"augmented {j}", fontsize=10)
     fig.suptitle("CIFAR-10 training images" + (" and random augmentations" if augment else ""), fontsize=13)
@@ -327,18 +348,16 @@ def show_data_command(data_dir: str, augment: str = "none", ranges: dict[str, fl
     refuse_overlap(target, {"data dir": Path(data_dir)}, inside={"data dir": Path(data_dir)})
     target = new_file(target, overwrite)
     fig = data_grid_of(data_dir, augment, ranges, per_class, n_augmented, seed, download)
-    try:
-        save_figure(fig, target)
-    except OSError as e:
-        raise ConfigError(f"--out {target}: cannot write ({e.strerror or e})") from None
-    print(target)
+    save_figure(fig, target, replace=overwrite)  # a full disk: errors.exit_status says so (exit 1)
+    print(printable(target))
     return target
 
 
-def save_figure(fig: Figure, path: Path, dpi: int = 100) -> None:
-    """PNG written atomically: an interrupted save never leaves half an image at ``path``."""
+def save_figure(fig: Figure, path: Path, dpi: int = 100, replace: bool = True) -> None:
+    """PNG written atomically: an interrupted save never leaves half an image at ``path``;
+    ``replace=False`` keeps a file that appeared there meanwhile."""
     try:
-        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"), replace=replace)
     finally:
         plt.close(fig)
 

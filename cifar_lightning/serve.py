@@ -11,17 +11,20 @@ Every upload is checked and decoded in the HTTP process, before it can join a ba
 LitServe's batched loop answers a whole batch with the error of any one of its requests, so a
 bad upload must never reach it. The worker then receives only valid 32x32 images and runs
 them, many at a time, through the one inference path (``inference.load_classifier``, with the
-model's test-time views): served probabilities equal ``cifar-predict``'s.
+model's test-time views): served probabilities equal ``cifar-predict``'s. An image the model
+still gives NaN or infinite scores for gets its own 422; the rest of its batch is answered.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import io
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +34,12 @@ import torch
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cifar_lightning.errors import ConfigError, ImageError, ImageTooLargeError, NotAnImageError
+from cifar_lightning.errors import ConfigError, ImageError, ImageTooLargeError, ModelError, NotAnImageError
 from cifar_lightning.fileio import sha256_of
 from cifar_lightning.images import IMAGE_SIZE, decode
 from cifar_lightning.inference import device_for, load_classifier
@@ -43,6 +47,9 @@ from cifar_lightning.runs import known_test_accuracy
 
 PAGE = Path(__file__).with_name("serve_page.html")
 MAX_TOP_K = 100
+#: the only hosts LitServe's run() accepts; a name such as localhost is resolved to one of them
+LISTENABLE = ("127.0.0.1", "0.0.0.0", "::")
+NON_FINITE = "the model gave NaN or infinite scores for this image"
 
 
 class BadRequestError(Exception):
@@ -68,14 +75,20 @@ def decode_upload(data: bytes) -> np.ndarray:
 
 
 def _top_k(value: Any, default: int) -> int:
+    """A form sends top_k as text, JSON as a number: a whole, finite one (3.0 is 3; 2.5, 1e999,
+    NaN and true are refused, not truncated, overflowed or read as 1)."""
     if value is None or value == "":
         return default
+    if isinstance(value, float) and value.is_integer():  # False for NaN and infinities
+        value = int(value)
     try:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise TypeError
         k = int(value)
     except (TypeError, ValueError):
         raise BadRequestError(400, f"top_k must be an integer, got {str(value)[:40]!r}") from None
     if not 1 <= k <= MAX_TOP_K:
-        raise BadRequestError(400, f"top_k must be in 1..{MAX_TOP_K}, got {k}")
+        raise BadRequestError(400, f"top_k must be in 1..{MAX_TOP_K}, got {str(k)[:40]}")
     return k
 
 
@@ -120,12 +133,14 @@ async def parse_predict_request(scope: Scope, receive: Receive, limit: int, defa
             raise BadRequestError(400, "'image' is not valid base64") from None
         top_k, preview = payload.get("top_k"), payload.get("preview")
     else:
-        form = await Request({**scope, "type": "http"}, _replay(body)).form(max_files=1, max_fields=10)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise BadRequestError(422, "expected the image in the multipart field 'file'")
-        data = await upload.read()
-        top_k, preview = form.get("top_k"), form.get("preview")
+        # Bounded: one file, a few fields (starlette also caps each field at 1 MB). Its refusals
+        # (a second file, no boundary...) become 400s in CheckUploads.
+        async with Request({**scope, "type": "http"}, _replay(body)).form(max_files=1, max_fields=10) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise BadRequestError(422, "expected the image in the multipart field 'file'")
+            data = await upload.read()
+            top_k, preview = form.get("top_k"), form.get("preview")
     pixels = decode_upload(data)
     return {"pixels": base64.b64encode(pixels.tobytes()).decode(), "top_k": _top_k(top_k, default_top_k),
             "preview": str(preview).lower() in ("1", "true", "yes")}  # fmt: skip
@@ -156,12 +171,25 @@ class CheckUploads:
             return await self.app(scope, receive, send)
         try:
             payload = await parse_predict_request(scope, receive, self.limit, self.default_top_k)
-        except BadRequestError as e:
-            return await JSONResponse({"error": str(e)}, status_code=e.status)(scope, receive, send)
+        except Exception as e:  # whatever an upload provokes here is its 4xx, never a 500
+            status, message = _refusal(e)
+            return await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
         body = json.dumps(payload).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await self.app({**scope, "headers": headers}, _replay(body), send)
+
+
+def _refusal(e: Exception) -> tuple[int, str]:
+    """The 4xx and one line for an exception raised while parsing an upload. A middleware runs
+    outside the app's exception handlers, so anything it lets escape, even starlette's own
+    HTTPException for a malformed multipart body, would be answered with a 500."""
+    if isinstance(e, BadRequestError):
+        return e.status, str(e)
+    if isinstance(e, StarletteHTTPException | MultiPartException):  # their messages are meant for clients
+        status = e.status_code if isinstance(e, StarletteHTTPException) and 400 <= e.status_code < 500 else 400
+        return status, "the upload could not be read: " + " ".join(str(getattr(e, "detail", e)).split())[:300]
+    return 400, f"the upload could not be read ({type(e).__name__})"
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -186,20 +214,34 @@ class ClassifierAPI(ls.LitAPI):
     def predict(self, inputs: list[dict] | dict) -> list[dict]:
         items = inputs if isinstance(inputs, list) else [inputs]
         pixels = np.stack([np.frombuffer(base64.b64decode(r["pixels"]), np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE, 3) for r in items])
-        probs = self.clf.probabilities(torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2))
-        out = []
-        for r, image, p in zip(items, pixels, probs, strict=True):
-            result: dict[str, Any] = {"model": self.name, "top_k": self.clf.top_k(p[None], r["top_k"])[0]}
+        out: list[dict] = []
+        for r, image, probs in zip(items, pixels, self._probabilities(pixels), strict=True):
+            if probs is None:
+                out.append({"error": NON_FINITE})
+                continue
+            result: dict[str, Any] = {"model": self.name, "top_k": self.clf.top_k(probs[None], r["top_k"])[0]}
             if r.get("preview"):
                 result["input_png"] = _png_data_url(image)  # the 32x32 the model saw, for the page
             out.append(result)
         return out if isinstance(inputs, list) else out[0]
 
+    def _probabilities(self, pixels: np.ndarray) -> list[torch.Tensor | None]:
+        """Each image's probabilities, None where the model gives NaN or infinity. The batch runs
+        as one; only if that fails, image by image: LitServe's batch loop answers the whole batch
+        with any exception raised in predict or encode_response, so one image must not raise."""
+        try:
+            probs = self.clf.probabilities(torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2))
+        except ModelError:
+            return [None] if len(pixels) == 1 else [self._probabilities(pixels[i : i + 1])[0] for i in range(len(pixels))]
+        return [p if bool(torch.isfinite(p).all()) else None for p in probs]
+
     def unbatch(self, output: list[dict]) -> list[dict]:
         return output
 
-    def encode_response(self, output: dict) -> dict:
-        return output
+    def encode_response(self, output: dict) -> Response:
+        # A finished response (it pickles) is how one request of a batch gets its own status:
+        # LitServe returns it as is. (LitServe reads this annotation as the route's response type.)
+        return JSONResponse(output, status_code=422 if "error" in output else 200)
 
 
 def _png_data_url(pixels: np.ndarray) -> str:
@@ -234,12 +276,16 @@ def build_server(model: str | Path, max_batch_size: int = 32, batch_timeout: flo
     """The server object, for ``server.run(...)`` or for tests (``server.app`` is FastAPI). The
     model is loaded here first, so a bad MODEL fails at once with a ModelError."""
     device = device_for(accelerator)  # an accelerator this machine lacks fails here, in one line
+    # LitServe counts GPUs with nvidia-smi, absent from many containers (0 GPUs: "num_api_servers
+    # must be greater than 0"): the count comes from torch, which device_for asked.
+    devices = torch.cuda.device_count() if device == "cuda" else "auto"
     clf = load_classifier(model, calibrate=calibrate)  # refuses a bad, unsafe or foreign model file before any worker starts
     info = model_info(model, clf)
     api = ClassifierAPI(str(model), accelerator, max_batch_size, batch_timeout, calibrate)
     server = ls.LitServer(
-        api, accelerator=device, workers_per_device=workers,
-        info_path="/litserve/info", model_metadata=info, max_payload_size=int(max_upload_mb * (1 << 20)) + 65536,
+        api, accelerator=device, devices=devices, workers_per_device=workers, info_path="/litserve/info", model_metadata=info,
+        # No max_payload_size: CheckUploads bounds /predict's body, and LitServe's own bound raises
+        # from a middleware, outside the exception handlers, which answers a chunked upload with a 500.
         middlewares=[(CheckUploads, {"max_upload_bytes": int(max_upload_mb * (1 << 20)), "default_top_k": top_k})],
     )  # fmt: skip
     page = PAGE.read_text()
@@ -263,12 +309,40 @@ def build_server(model: str | Path, max_batch_size: int = 32, batch_timeout: flo
     return server
 
 
+def listen_address(host: str, port: int) -> str:
+    """The address for LitServe's run(), once (host, port) was bound here the way uvicorn binds
+    it (SO_REUSEADDR): a taken port or a host LitServe cannot listen on is one ConfigError
+    line, not uvicorn's log and exit status 3 or LitServe's ValueError."""
+    if not 1024 <= port <= 65535:  # LitServe's range
+        raise ConfigError(f"--port {port}: must be in 1024..65535")
+    address = host
+    if host not in LISTENABLE:
+        try:
+            found = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except (OSError, UnicodeError, ValueError) as e:
+            raise ConfigError(f"--host {host[:100]}: cannot resolve this name ({getattr(e, 'strerror', None) or e})") from None
+        address = next((a for a in LISTENABLE if a in found), "")
+        if not address:
+            raise ConfigError(f"--host {host[:100]}: resolves to {', '.join(sorted(found))}; cifar-serve (LitServe) listens only on "
+                              "127.0.0.1 (this machine, or localhost), 0.0.0.0 or :: (every interface)")  # fmt: skip
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"--port {port}: already in use on {address}") from None
+            raise ConfigError(f"--host {host[:100]} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return address
+
+
 def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32, batch_timeout: float = 0.005,
                   workers: int = 1, accelerator: str = "cpu", top_k: int = 5, max_upload_mb: float = 10.0,
                   calibrate: bool = True) -> None:  # fmt: skip
     """cifar-serve: build the server, then serve until Ctrl-C or SIGTERM (which stop the workers too)."""
-    if not (0 <= port <= 65535 and 0 <= batch_timeout < 60 and 0 < max_upload_mb <= 1024):
-        raise ConfigError("--port, --batch-timeout or --max-upload-mb out of range")
+    if not (0 <= batch_timeout < 60 and 0 < max_upload_mb <= 1024):
+        raise ConfigError("--batch-timeout or --max-upload-mb out of range")
+    listen_host = listen_address(host, port)  # before the model loads: a taken port fails at once
     server = build_server(model, max_batch_size, batch_timeout, workers, accelerator, top_k, max_upload_mb, calibrate)
     main_pid = os.getpid()
 
@@ -281,6 +355,6 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, max_bat
     signal.signal(signal.SIGTERM, stop)
     print(f"cifar-serve: {model} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     try:
-        server.run(host=host, port=port, generate_client_file=False, log_level="warning")
+        server.run(host=listen_host, port=port, generate_client_file=False, log_level="warning")
     except KeyboardInterrupt:
         pass

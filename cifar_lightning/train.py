@@ -35,7 +35,7 @@ from cifar_lightning.callbacks import EpochReport, Lookahead, RunEstimate, StepC
 from cifar_lightning.checkpoint import checkpoint_bytes, load_checkpoint, non_finite_tensor
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.errors import ConfigError, RunInterruptedError, TrainingFailedError, shown_names
-from cifar_lightning.fileio import atomic_write_bytes, atomic_write_text, is_temp_sibling
+from cifar_lightning.fileio import atomic_write_bytes, atomic_write_text, is_temp_sibling, refuse_overlap
 from cifar_lightning.inference import checkpoint_classifier, device_for
 from cifar_lightning.models import MODELS
 from cifar_lightning.module import ImageClassifier, NonFiniteLossError
@@ -139,6 +139,9 @@ def check_before_start(cfg: TrainConfig) -> None:
     if cfg.strategy != "auto" and cfg.strategy not in StrategyRegistry.available_strategies():
         raise ConfigError(f"--strategy {cfg.strategy!r}: not a Lightning strategy; e.g. auto, ddp, ddp_spawn, fsdp")
     device_for(cfg.accelerator)  # an accelerator this machine lacks: one line, before anything
+    if cfg.data_dir and not cfg.resume:
+        # A run folder inside the data would become a class folder of the next run's data.
+        refuse_overlap(Path(cfg.log_dir), {"data dir": Path(cfg.data_dir)}, inside={"data dir": Path(cfg.data_dir)}, flag="--log-dir")
     launched = "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ or {"MASTER_ADDR", "NODE_RANK"} <= set(os.environ)
     if cfg.num_nodes > 1 and not launched:
         raise ConfigError(

@@ -91,6 +91,14 @@ def _bad_requests(model, tmp_path: Path) -> dict[str, tuple[dict, int]]:
         "bad base64": ({"json": {"image": "%%%not base64%%%"}}, 400),
         "top_k of zero": ({"files": {"file": ("a.png", good, "image/png")}, "data": {"top_k": "0"}}, 400),
         "top_k not a number": ({"json": {"image": base64.b64encode(good).decode(), "top_k": "many"}}, 400),
+        # these were 500s: starlette's multipart refusals and int(inf) escaped the middleware
+        "two files": ({"files": [("file", ("a.png", good, "image/png")), ("file", ("b.png", good, "image/png"))]}, 400),
+        "multipart without boundary": ({"content": b"--B\r\n\r\n--B--", "headers": {"content-type": "multipart/form-data"}}, 400),
+        "too many fields": ({"files": {"file": ("a.png", good, "image/png")}, "data": {f"f{i}": "x" for i in range(50)}}, 400),
+        "top_k infinite": ({"content": b'{"image": "%s", "top_k": 1e999}' % base64.b64encode(good),
+                            "headers": {"content-type": "application/json"}}, 400),
+        "top_k true": ({"json": {"image": base64.b64encode(good).decode(), "top_k": True}}, 400),
+        "top_k a fraction": ({"json": {"image": base64.b64encode(good).decode(), "top_k": 2.5}}, 400),
     }
 
 
