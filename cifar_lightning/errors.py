@@ -7,13 +7,14 @@ kind): one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import reprlib
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 class UserError(ValueError):
@@ -122,18 +123,32 @@ def disk_message(e: OSError) -> str:
     return f"cannot write or read{where}: {e.strerror or e} (files written before are intact)"
 
 
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM as an exception while the block runs (where nothing else handles it), so the
+    ``finally`` clauses of the atomic writers clean up on the way out instead of the process
+    dying mid-write."""
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def exit_status(prog: str, body: Callable[[], int], sigterm: bool = True) -> int:
     """Run a command's body; what it raises becomes one line on stderr and an exit status:
     2 for what the user can fix, 1 for a failure, 128 + N for a stop by signal N.
 
-    ``sigterm`` turns SIGTERM into an exception for the body's duration (so it cleans up like
-    any error). Training passes False: Lightning's own SIGTERM handling saves a checkpoint, and
-    it steps aside when another handler is installed."""
-    previous = None
-    if sigterm and threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    ``sigterm`` turns SIGTERM into an exception for the body's duration (``sigterm_raises``).
+    Training passes False: Lightning's own handler stops fit at a step boundary and saves a
+    checkpoint, and it calls any handler installed before it (which would raise mid-step);
+    training raises on SIGTERM itself once fit is over."""
     try:
-        return body()
+        with sigterm_raises() if sigterm else contextlib.nullcontext():
+            return body()
     except RunInterruptedError as e:
         return _fail(prog, str(e), e.code)
     except TrainingFailedError as e:
@@ -150,6 +165,3 @@ def exit_status(prog: str, body: Callable[[], int], sigterm: bool = True) -> int
         if os.environ.get("CIFAR_LIGHTNING_DEBUG"):
             raise
         return _fail(prog, f"{type(e).__name__}: {e} (set CIFAR_LIGHTNING_DEBUG=1 for a traceback)", 1)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)

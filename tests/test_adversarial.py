@@ -2,7 +2,7 @@
 
 Path aliases (fileio.refuse_overlap), files that appear meanwhile (fileio.atomic_write
 replace=False), untrusted sizes (recipes.RecipeLoader, checkpoint.weights_problem), checks made
-before a run changes (train.build_data, train.check_resume_agrees), models of the wrong kind, and
+before a run changes (training.build_data, training.check_resume_agrees), models of the wrong kind, and
 faults: a full disk (a small tmpfs, where the tests run as root) and SIGTERM.
 """
 
@@ -325,6 +325,17 @@ def test_a_model_scored_on_other_class_names_is_refused(run, tmp_path: Path, cap
     assert not (tmp_path / "r").exists()
 
 
+def test_a_log_dir_inside_the_data_is_refused_before_anything_is_written(run, tmp_path: Path, capsys) -> None:
+    tree = Path(shutil.copytree(run["tree"], tmp_path / "tree"))
+    link = tmp_path / "T"
+    link.symlink_to(tree, target_is_directory=True)
+    before = tree_state(tree)
+    for logs in (tree / "train", link / "train" / "cat", tree / "x" / ".." / "test"):
+        assert call(train_main, tiny_train_argv(tree, logs)) == 2
+        assert "--log-dir" in one_error_line(capsys)
+    assert tree_state(tree) == before and sorted(p.name for p in (tree / "train").iterdir()) == sorted(os.listdir(run["tree"] / "train"))
+
+
 def test_a_calibration_split_left_empty_is_refused_before_a_run_folder_exists(run, tmp_path: Path, capsys) -> None:
     logs = tmp_path / "logs"
     # 120 training images: 111 for validation leaves 9, and a tenth of 9 is none to calibrate on
@@ -391,7 +402,7 @@ def test_an_export_to_a_full_disk_is_exit_1_one_line_and_leaves_nothing(run, sma
 @pytest.mark.faults
 @pytest.mark.disk_kib(65536)  # room for the 26 MB seed checkpoint, then filled
 def test_writing_the_temperature_to_a_full_disk_says_so_and_keeps_the_checkpoint(run, small_disk: Path, capsys) -> None:
-    from cifar_lightning.train import calibrate_checkpoint
+    from cifar_lightning.training import calibrate_checkpoint
 
     ckpt = small_disk / "last.ckpt"
     try:
