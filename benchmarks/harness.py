@@ -102,9 +102,9 @@ def machine() -> str:
 def training_precision(accelerator: str = "cpu") -> str:
     """The precision ``cifar-train --precision auto`` trains in here: bf16-mixed only where the
     hardware computes bf16 natively, else 32-true (the package's own rule, not a copy of it)."""
-    from cifar_lightning import train
+    from cifar_lightning import training
 
-    return train.resolve_precision("auto", accelerator)
+    return training.resolve_precision("auto", accelerator)
 
 
 def dtype_of(precision: str) -> torch.dtype:

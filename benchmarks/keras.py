@@ -92,7 +92,7 @@ def run_ours(args: argparse.Namespace) -> None:
     import lightning as L
     import torch
 
-    from cifar_lightning import train
+    from cifar_lightning import training
     from cifar_lightning.images import normalize
 
     class PerEpoch(L.Callback):
@@ -114,7 +114,7 @@ def run_ours(args: argparse.Namespace) -> None:
             print(json.dumps({"system": "ours", "epoch": trainer.current_epoch + 1, "seconds": seconds, "images": n,
                               "test_acc": right / len(test.labels)}), flush=True)  # fmt: skip
 
-    train.run_training(our_recipe(args), callbacks=[PerEpoch()])
+    training.run_training(our_recipe(args), callbacks=[PerEpoch()])
 
 
 def our_recipe(args: argparse.Namespace):  # noqa: ANN201 (a TrainConfig; recipes is imported here, not at the top)
@@ -151,10 +151,10 @@ def main() -> None:
         print(INSTALL_HINT, file=sys.stderr)
         sys.exit(2)
     from benchmarks.harness import device_for, rate_label, reference_rate
-    from cifar_lightning import train
+    from cifar_lightning import training
 
     cfg = our_recipe(args)
-    precision, device = train.resolve_precision(cfg.precision, cfg.accelerator), device_for(cfg.accelerator)
+    precision, device = training.resolve_precision(cfg.precision, cfg.accelerator), device_for(cfg.accelerator)
     rate = reference_rate(precision, device)
     rows = []
     # The children run this module with -m from the caller's folder (relative paths stay valid): put the repository on their path.

@@ -43,7 +43,7 @@ from benchmarks.harness import (
     rate_label,
     reference_rate,
 )
-from cifar_lightning import recipes, train
+from cifar_lightning import recipes, training
 from cifar_lightning.data import CIFAR10DataModule, load_splits
 from cifar_lightning.images import normalize
 from cifar_lightning.models import MODELS, build
@@ -85,7 +85,7 @@ def bench_throughput(args: argparse.Namespace) -> list[dict]:
     if args.precision != "auto":
         precisions = [args.precision]
     else:
-        precisions = ["32-true", "bf16-mixed"] if train.resolve_precision("auto", "cpu") == "bf16-mixed" else ["32-true"]
+        precisions = ["32-true", "bf16-mixed"] if training.resolve_precision("auto", "cpu") == "bf16-mixed" else ["32-true"]
     print(f"\n== training-step throughput ({machine()})")
     peaks = {}
     for p in precisions:
@@ -168,7 +168,7 @@ def bench_step(args: argparse.Namespace) -> list[dict]:
     cheaper pooling/BN/GELU could give."""
     from torch.profiler import ProfilerActivity, profile
 
-    precision = train.resolve_precision(args.precision, "cpu")
+    precision = training.resolve_precision(args.precision, "cpu")
     name = precision_name(precision)
     print(f"\n== one training step, {name} ({precision}; {machine()})")
     rows = []
@@ -216,7 +216,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict:
     """The same training steps, fed by the data module (shuffle, slice, augment, normalise) and
     by one batch already normalised in memory: the difference is what the data path costs."""
     cfg = recipes.build({"preset": "94"})
-    precision = train.resolve_precision(args.precision, "cpu")
+    precision = training.resolve_precision(args.precision, "cpu")
     dm = CIFAR10DataModule(str(args.data_dir), batch_size=cfg.batch_size, val_size=0, augment=cfg.augment,
                            augment_options=cfg.augment_options())  # fmt: skip
     dm.setup("fit")
@@ -290,7 +290,7 @@ class EpochProbe(L.Callback):
 
 
 def bench_time_to_accuracy(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    """Each recipe and seed through ``train.run_training``, alone on the machine, the conv rate in
+    """Each recipe and seed through ``training.run_training``, alone on the machine, the conv rate in
     the run's precision measured right before and right after it: (per-epoch rows, one row per
     finished run)."""
     test = load_splits(args.data_dir)["test"]
@@ -306,11 +306,11 @@ def bench_time_to_accuracy(args: argparse.Namespace) -> tuple[list[dict], list[d
             cfg = recipes.build(given)
             argv = " ".join(f"{recipes.flag(k)} {v}" for k, v in given.items())
             print(f"\n== time to accuracy: cifar-train {argv}", flush=True)
-            precision = train.resolve_precision(cfg.precision, cfg.accelerator)
+            precision = training.resolve_precision(cfg.precision, cfg.accelerator)
             device = device_for(cfg.accelerator)
             before = reference_rate(precision, device)
             probe = EpochProbe(test.images, test.labels)
-            result = train.run_training(cfg, callbacks=[probe])
+            result = training.run_training(cfg, callbacks=[probe])
             rate = (before + reference_rate(precision, device)) / 2
             for r in probe.rows:
                 rows.append({"recipe": recipe, "seed": seed, **r, "norm_s": round(normalised(r["wall_s"], rate), 1),
@@ -391,8 +391,8 @@ def main() -> None:
         replot((args.out or Path(".")) / "time_to_accuracy.csv")
         return
     torch.manual_seed(0)
-    train.quiet_lightning()
-    results: dict = {"machine": machine(), "cpu_count": os.cpu_count(), "precision": train.resolve_precision(args.precision, "cpu")}
+    training.quiet_lightning()
+    results: dict = {"machine": machine(), "cpu_count": os.cpu_count(), "precision": training.resolve_precision(args.precision, "cpu")}
     if args.what in ("throughput", "all"):
         results["throughput"] = bench_throughput(args)
     if args.what in ("pipeline", "all"):

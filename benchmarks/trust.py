@@ -76,9 +76,9 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
 
 def run_precision(precision: str, accelerator: str) -> str:
     """The precision a job trained in (its config records what it was given: often 'auto')."""
-    from cifar_lightning import train
+    from cifar_lightning import training
 
-    return train.resolve_precision(precision, accelerator)
+    return training.resolve_precision(precision, accelerator)
 
 
 class References:

@@ -19,6 +19,8 @@ _PUBLIC = {
     "ImageClassifier": "cifar_lightning.module",
     "TrainConfig": "cifar_lightning.recipes",
     "load_classifier": "cifar_lightning.inference",
+    "train": "cifar_lightning.training",
+    "TrainResult": "cifar_lightning.training",
 }
 __all__ = list(_PUBLIC)
 

@@ -10,7 +10,7 @@ prediction: dividing by T > 0 keeps every argmax. The test set takes no part in 
 T is stored in the checkpoint (``checkpoint["calibration"]``), baked into ONNX and TorchScript
 graphs and recorded in the safetensors sidecar, so every path gives the same probabilities.
 This module is the math alone (fit T, apply it, ECE, read it back); writing T into a
-checkpoint is the training run's step (``train.calibrate_checkpoint``).
+checkpoint is the training run's step (``training.calibrate_checkpoint``).
 """
 
 from __future__ import annotations

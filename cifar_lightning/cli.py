@@ -9,10 +9,11 @@ numpy, PIL or Lightning, so each body's module is imported inside its function.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from cifar_lightning import recipes, runs
-from cifar_lightning.errors import exit_status
+from cifar_lightning import bundled, recipes, runs
+from cifar_lightning.errors import ConfigError, exit_status
 from cifar_lightning.recipes import ACCELERATORS, AUGMENT_RANGES, AUGMENTS, EXPORT_FORMATS, FIELDS, SECTIONS, TTA_LEVELS, WHY
 
 
@@ -108,7 +109,7 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.get("print_config"):
             print(cfg.to_yaml(), end="")
             return 0
-        from cifar_lightning.train import train_command  # torch and Lightning load only now
+        from cifar_lightning.training import train_command  # torch and Lightning load only now
 
         train_command(cfg)
         return 0
@@ -218,6 +219,8 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="a graph that outputs raw logits (the temperature is still recorded in OUT.json)")
     p.add_argument("--no-download", dest="download", action="store_false", help="never download CIFAR-10")
+    p.add_argument("--half", action="store_true",
+                   help="safetensors only: store the weights in float16 (half the size; loaded back into float32)")
     return p
 
 
@@ -229,7 +232,7 @@ def export_main(argv: list[str] | None = None) -> int:
         from cifar_lightning.export import export_command  # torch loads only now
 
         export_command(args.checkpoint, args.format, args.out, args.overwrite, args.tta, args.data_dir, args.check_images,
-                       args.random_check, args.calibrate, args.download)  # fmt: skip
+                       args.random_check, args.calibrate, args.download, half=args.half)  # fmt: skip
         return 0
 
     return exit_status("cifar-export", body)
@@ -241,17 +244,34 @@ def export_main(argv: list[str] | None = None) -> int:
 def predict_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="cifar-predict",
-        description="Classify image files (or folders, recursively) with a .ckpt, .safetensors or .onnx model. "
+        description="Classify image files (or folders, recursively) with a .ckpt, .safetensors or .onnx model, or a "
+        "bundled one (pretrained:NAME; with no model given, the bundled default). "
         "Exit status: 0 every input predicted, 1 some inputs failed, 2 bad model or flags.",
+        usage="%(prog)s [MODEL] PATH [PATH ...] [options]",
     )
-    p.add_argument("model", help="a Lightning .ckpt, a cifar-export .safetensors (with its .json) or an .onnx")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("paths", nargs="+", metavar="[MODEL] PATH",
+                   help="a model (a Lightning .ckpt, a cifar-export .safetensors with its .json, an .onnx, or pretrained:NAME), "
+                   "then image files or folders; without a model, the bundled default classifies them")  # fmt: skip
     p.add_argument("--top-k", type=_positive_int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of tables")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--accelerator", choices=ACCELERATORS, default="cpu")
     _no_calibrate_flag(p)
     return p
+
+
+def split_model_argument(args: list[str]) -> tuple[str | None, list[str]]:
+    """(model, image paths): the first argument is the model when it names one (pretrained:NAME,
+    a model file's suffix, or a file whose bytes are a model's), else every argument is an image."""
+    from cifar_lightning.inference import MODEL_SUFFIXES, sniff_model_kind
+
+    first = Path(args[0])
+    named = args[0].startswith(bundled.PREFIX) or first.suffix.lower() in (*MODEL_SUFFIXES, ".pt", ".pth")
+    if len(args) > 1 and (named or (first.is_file() and sniff_model_kind(first))):
+        return args[0], args[1:]
+    if named:
+        raise ConfigError(f"{args[0]}: a model but no image to classify; give image files or folders after it")
+    return None, args
 
 
 def predict_main(argv: list[str] | None = None) -> int:
@@ -261,7 +281,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from cifar_lightning.inference import predict_command  # torch loads only now
 
-        return predict_command(args.model, args.paths, args.top_k, args.json, args.batch_size, args.accelerator, args.calibrate)
+        model, paths = split_model_argument(args.paths)
+        return predict_command(model, paths, args.top_k, args.json, args.batch_size, args.accelerator, args.calibrate)
 
     return exit_status("cifar-predict", body)
 
@@ -272,7 +293,8 @@ def predict_main(argv: list[str] | None = None) -> int:
 def serve_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="cifar-serve", description="Serve a model over HTTP: POST /predict, GET /info, GET /health, "
                       "and a page at / to drop an image on. Batches concurrent requests (LitServe).")  # fmt: skip
-    p.add_argument("model", help="a .ckpt, or a .safetensors / .onnx export (ONNX Runtime is the fastest on a CPU)")
+    p.add_argument("model", nargs="?", help="a .ckpt, a .safetensors / .onnx export (ONNX Runtime is the fastest on a CPU) or "
+                   "pretrained:NAME (default: the bundled default model)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default 8000)")
     p.add_argument("--max-batch-size", type=_positive_int, default=32, help="requests run together (default 32; 1: no batching)")

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from cifar_lightning import bundled, report
 from cifar_lightning import corruptions as corruption
-from cifar_lightning import report
 from cifar_lightning.calibration import ece
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.errors import ConfigError, DataError, shown_names
@@ -49,7 +49,10 @@ def report_dir(model_path: Path, run_dir: Path | None, out: str | None, overwrit
 
 
 def default_report_base(model_path: Path, run_dir: Path | None) -> Path:
-    """report/ in a checkpoint's run, else <file>_report beside the file (before any _2, _3)."""
+    """report/ in a checkpoint's run, else <file>_report beside the file (before any _2, _3); a
+    bundled model's in the current folder (never inside the installed package)."""
+    if model_path.parent == bundled.folder():
+        return Path(f"pretrained_{model_path.stem}_report")
     if run_dir is not None and model_path.suffix.lower() == ".ckpt":
         return run_dir / "report"
     return model_path.with_name(f"{model_path.stem}_report")
@@ -92,7 +95,7 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     """Classify every image of the split with the model file and write the report. Returns
     (report folder, metrics). ``calibrate=False`` scores the raw probabilities; ``corruptions``
     ('all' or names, comma-separated) also scores corrupted copies of the split (``corruptions.py``)."""
-    model_path = Path(model)
+    model_path = bundled.resolve(model)  # pretrained:NAME -> the bundled file
     names = corruption_names(corruptions)
     clf = load_classifier(model_path, device=device, calibrate=calibrate)  # refuses unsafe or foreign files before anything else
     source = source_checkpoint(model_path, clf)

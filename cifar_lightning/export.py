@@ -61,11 +61,17 @@ class Tempered(torch.nn.Module):
         return apply_temperature(self.net(x), self.temperature)
 
 
-def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int, calibrate: bool = True) -> dict[str, Any]:
+#: a float16 file is checked against the float32 network within float16's rounding: logits
+#: differ by about 1e-3, and an image whose two best classes are that close may swap them
+HALF_LIMITS = {"max_abs_logit_diff": 5e-2, "same_top1_fraction": 0.99}
+
+
+def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int, calibrate: bool = True,
+             half: bool = False) -> dict[str, Any]:  # fmt: skip
     hp = module.hparams
     # The run's test accuracy was measured with the checkpoint's own views: it describes this
     # export only when the export keeps them (cifar-evaluate measures any export directly).
-    accuracy = known_test_accuracy(ckpt_path) if tta == hp.tta else None
+    accuracy = known_test_accuracy(ckpt_path) if tta == hp.tta and not half else None
     return {
         "format": SIDECAR_FORMAT,
         "version": 2,
@@ -76,6 +82,7 @@ def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int, calib
         "mean": list(MEAN),
         "std": list(STD),
         "input_size": [3, IMAGE_SIZE, IMAGE_SIZE],
+        "weights_dtype": "float16" if half else "float32",
         "input": "float32 NCHW, RGB in [0, 1] normalised with mean/std",
         "output": "logits divided by the temperature (softmax gives calibrated probabilities)"
         if calibrate and module.calibration and fmt != "safetensors" else "logits (softmax gives probabilities)",
@@ -94,26 +101,31 @@ def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int, calib
 
 
 def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_images: torch.Tensor,
-           tta: int | None = None, calibrate: bool = True, replace: bool = True) -> dict[str, Any]:  # fmt: skip
+           tta: int | None = None, calibrate: bool = True, replace: bool = True, half: bool = False) -> dict[str, Any]:  # fmt: skip
     """Write ``out`` and its JSON sidecar, after checking the written file against the PyTorch
     network (with the same test-time views) on ``check_images`` (normalised floats). Returns
     the check's figures. ``tta`` defaults to the checkpoint's own level; ``calibrate=False``
     leaves the temperature out of a graph (it is still recorded in the sidecar); ``replace=False``
-    never replaces a file that appeared at ``out`` meanwhile.
+    never replaces a file that appeared at ``out`` meanwhile; ``half`` stores safetensors weights
+    in float16 (checked within ``HALF_LIMITS``).
 
     Each format is serialised in memory first and written by Python: on a full disk the C++
     writers of torch and safetensors abort or raise their own errors, and leave a partial file."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if half and fmt != "safetensors":
+        raise ExportError(f"--half is for safetensors weights; a {fmt} graph is exported in float32")
     level = module.hparams.tta if tta is None else tta
     net = module.net.eval().to(memory_format=torch.contiguous_format)
-    meta = metadata(module, ckpt_path, fmt, level, calibrate)
+    meta = metadata(module, ckpt_path, fmt, level, calibrate, half)
     in_graph = module.temperature if meta["temperature_in_graph"] else 1.0
     reference = models.with_tta(net, level)
     reference = (Tempered(reference, in_graph) if in_graph != 1.0 else reference).eval()
     example = check_images[:2].contiguous()
     if fmt == "safetensors":
-        data = safetensors_bytes({k: v.detach().contiguous() for k, v in net.state_dict().items()}, metadata={"format": "pt"})
+        tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+        tensors = {k: v.half() if half and v.is_floating_point() else v for k, v in tensors.items()}
+        data = safetensors_bytes(tensors, metadata={"format": "pt"})
     elif fmt == "onnx":
         data = _onnx_bytes(reference, example)
     else:
@@ -155,14 +167,15 @@ def verify(path: Path, fmt: str, meta: dict, reference: torch.nn.Module, images:
                 got = torch.jit.load(str(path), map_location="cpu")(images)
         else:
             got = models.with_tta(network_from_safetensors(path, meta), meta["tta"])(images)  # raw logits
-    return _compare(expected, got)
+    return _compare(expected, got, half=meta.get("weights_dtype") == "float16")
 
 
-def _compare(expected: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
+def _compare(expected: torch.Tensor, got: torch.Tensor, half: bool = False) -> dict[str, Any]:
     diff = float((expected.float() - got.float()).abs().max())
     same = int((expected.argmax(1) == got.argmax(1)).sum())
     result = {"images": len(expected), "max_abs_logit_diff": diff, "same_top1": same}
-    if not (diff < 1e-4 and same == len(expected)):
+    limit, agree = (HALF_LIMITS["max_abs_logit_diff"], HALF_LIMITS["same_top1_fraction"]) if half else (1e-4, 1.0)
+    if not (diff < limit and same >= agree * len(expected)):
         raise ExportError(
             f"the export does not reproduce the checkpoint: max |logit diff| {diff:.2e}, top-1 agrees on {same}/{len(expected)}"
         )
@@ -190,7 +203,7 @@ def check_images(ckpt_path: Path, data_dir: str | None, n: int, download: bool, 
 
 def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite: bool = False, tta: int | None = None,
                    data_dir: str | None = None, n_check: int = 256, random_check: bool = False, calibrate: bool = True,
-                   download: bool = True) -> None:  # fmt: skip
+                   download: bool = True, half: bool = False) -> None:  # fmt: skip
     """cifar-export: refuse an --out over the checkpoint, export, check, and say what it wrote."""
     ckpt_path = Path(checkpoint)
     module = ImageClassifier.from_checkpoint(ckpt_path)
@@ -203,9 +216,10 @@ def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite:
         refuse_overlap(path, {"checkpoint": ckpt_path}, inside={"data dir": Path(data) if data else None})
     target = new_file(target, overwrite)
     images, where = check_images(ckpt_path, data_dir, n_check, download, random_check)
-    check = export(module, ckpt_path, fmt, target, images, tta=tta, calibrate=calibrate, replace=overwrite)
+    check = export(module, ckpt_path, fmt, target, images, tta=tta, calibrate=calibrate, replace=overwrite, half=half)
     print(f"wrote {target} and {target.name}.json (test-time views: {module.hparams.tta if tta is None else tta})")
     print(
-        f"check on {where}: max |logit difference| {check['max_abs_logit_diff']:.2e} (limit 1e-4), "
+        f"check on {where}: max |logit difference| {check['max_abs_logit_diff']:.2e} "
+        f"(limit {HALF_LIMITS['max_abs_logit_diff'] if half else 1e-4:g}), "
         f"same top-1 on {check['same_top1']}/{check['images']}"
     )

@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from cifar_lightning import models
+from cifar_lightning import bundled, models
 from cifar_lightning.calibration import apply_temperature, temperature_of, usable_temperature
 from cifar_lightning.checkpoint import (
     load_checkpoint,
@@ -262,8 +262,9 @@ def load_classifier(path: str | Path, device: str = "cpu", tta: int | None = Non
 
     ``tta`` overrides the test-time augmentation of a checkpoint or safetensors export (an ONNX
     graph has its views built in). ``calibrate=False`` gives the raw, uncalibrated probabilities
-    instead of those with the model's fitted temperature."""
-    path = Path(path)
+    instead of those with the model's fitted temperature. ``pretrained:NAME`` loads a bundled
+    model (``bundled.resolve``)."""
+    path = bundled.resolve(path)
     if path.is_dir():
         raise ModelError(f"{path}: is a folder, not a model file")
     if not path.is_file():
@@ -386,15 +387,18 @@ def device_for(accelerator: str) -> str:
     return "cpu"
 
 
-def predict_command(model: str | Path, paths: Sequence[str | Path], top_k: int = 3, as_json: bool = False, batch_size: int = 256,
+def predict_command(model: str | Path | None, paths: Sequence[str | Path], top_k: int = 3, as_json: bool = False, batch_size: int = 256,
                     accelerator: str = "cpu", calibrate: bool = True) -> int:  # fmt: skip
     """cifar-predict: print each file's top classes (or one JSON list). Returns the exit status:
-    0 when every input was predicted, 1 when some were not images (the others still are)."""
-    clf = load_classifier(model, device=device_for(accelerator), calibrate=calibrate)
+    0 when every input was predicted, 1 when some were not images (the others still are).
+    Without a model, the bundled default; the first line (stderr with --json) says which."""
+    spec = model if model is not None else bundled.PREFIX + bundled.default_name()
+    clf = load_classifier(spec, device=device_for(accelerator), calibrate=calibrate)
     files = expand_inputs(paths)
     if not files:
         raise ConfigError("no image files found in the given paths")
     results = predict_files(clf, files, top_k, batch_size)
+    print(f"model: {printable(bundled.describe(spec))}", file=sys.stderr if as_json else sys.stdout)
     if as_json:
         print(json.dumps(results, indent=2, allow_nan=False))
     for r in results if not as_json else []:

@@ -39,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cifar_lightning import bundled
 from cifar_lightning.errors import ConfigError, ImageError, ImageTooLargeError, ModelError, NotAnImageError
 from cifar_lightning.fileio import sha256_of
 from cifar_lightning.images import IMAGE_SIZE, decode
@@ -252,14 +253,14 @@ def _png_data_url(pixels: np.ndarray) -> str:
 
 def model_info(model: str | Path, clf: Any) -> dict[str, Any]:
     """What GET /info says: enough to tell which model answers and how good it is."""
-    path = Path(model)
+    path = bundled.resolve(model)
     info = clf.info
     accuracy = info.get("test_accuracy")
     if accuracy is None and path.suffix.lower() == ".ckpt":
         accuracy = known_test_accuracy(path)
     return {
         "model": str(info.get("model") or path.stem),
-        "file": path.name,
+        "file": str(model) if bundled.is_bundled(model) else path.name,
         "sha256": sha256_of(path),
         "classes": list(clf.class_names),
         "test_accuracy": accuracy,
@@ -336,10 +337,12 @@ def listen_address(host: str, port: int) -> str:
     return address
 
 
-def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32, batch_timeout: float = 0.005,
+def serve_command(model: str | None, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32, batch_timeout: float = 0.005,
                   workers: int = 1, accelerator: str = "cpu", top_k: int = 5, max_upload_mb: float = 10.0,
                   calibrate: bool = True) -> None:  # fmt: skip
-    """cifar-serve: build the server, then serve until Ctrl-C or SIGTERM (which stop the workers too)."""
+    """cifar-serve: build the server, then serve until Ctrl-C or SIGTERM (which stop the workers too).
+    Without a model, the bundled default (``bundled.default_name``)."""
+    model = model or bundled.PREFIX + bundled.default_name()
     if not (0 <= batch_timeout < 60 and 0 < max_upload_mb <= 1024):
         raise ConfigError("--batch-timeout or --max-upload-mb out of range")
     listen_host = listen_address(host, port)  # before the model loads: a taken port fails at once
@@ -353,7 +356,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, max_bat
         raise KeyboardInterrupt  # LitServe's own shutdown path: it stops its workers too
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"cifar-serve: {model} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    print(f"cifar-serve: {bundled.describe(model)} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     try:
         server.run(host=listen_host, port=port, generate_client_file=False, log_level="warning")
     except KeyboardInterrupt:

@@ -6,7 +6,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 D=$PWD/.gpu-cifar
 if [ "$1" = unpack ]; then
     python3 -m research.gpu_data unpack "$2" --out "$D"
-    python3 -c "import torch, torchvision, lightning, cifar_lightning.train, cifar_lightning.evaluate; print(torch.__version__, torchvision.__version__, lightning.__version__, torch.cuda.get_device_name(), 'Muon:', hasattr(torch.optim, 'Muon'))"
+    python3 -c "import torch, torchvision, lightning, cifar_lightning.training, cifar_lightning.evaluate; print(torch.__version__, torchvision.__version__, lightning.__version__, torch.cuda.get_device_name(), 'Muon:', hasattr(torch.optim, 'Muon'))"
     exit
 fi
 python3 -m research.gpu_data unpack .gpu-data/part2.npz --out "$D" || exit 1

@@ -77,7 +77,7 @@ def fast_child(name: str, steps: int) -> None:
     import torch
 
     from cifar_lightning import models
-    from cifar_lightning.train import keep_freed_memory
+    from cifar_lightning.training import keep_freed_memory
 
     fused, keep, compile_ = FAST_VARIANTS[name]
     if keep:
@@ -96,7 +96,7 @@ def child(name: str, steps: int) -> None:
     from torch import nn
 
     from cifar_lightning import models
-    from cifar_lightning.train import keep_freed_memory
+    from cifar_lightning.training import keep_freed_memory
 
     precision, byte_dropout, pool_first, fused, keep, compile_ = VARIANTS[name]
     if keep:

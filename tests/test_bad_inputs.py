@@ -37,6 +37,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, seed_run_once: tuple[Path, P
 
     w["empty_dir"] = root / "empty"
     w["empty_dir"].mkdir()
+    w["folder_ckpt"] = root / "looks_like.ckpt"  # a folder named like a model: the model argument, and refused
+    w["folder_ckpt"].mkdir()
     t = tree_copy("missing_class")
     shutil.rmtree(t / "train" / "cat")
     w["missing_class"] = t
@@ -190,7 +192,8 @@ CASES = [
     Case("export: --out with another format's suffix", export_main, args("@ckpt", "--format", "onnx", "--out", "%m.safetensors"), 2,
          text("m.safetensors")),  # fmt: skip
     # cifar-predict
-    Case("predict: a folder as the model", predict_main, args("@empty_dir", "@good_image"), 2, text("is a folder")),
+    Case("predict: a folder as the model", predict_main, args("@folder_ckpt", "@good_image"), 2, text("is a folder")),
+    Case("predict: an unknown bundled model", predict_main, args("pretrained:nope", "@good_image"), 2, text("no such bundled model")),
     Case("predict: checkpoint with infinite weights", predict_main, args("@inf_ckpt", "@good_image"), 2, path_of("inf_ckpt")),
     Case("predict: a decompression bomb among good images", predict_main, args("@ckpt", "@good_image", "@bomb"), 1, path_of("bomb")),
     Case("predict: ONNX of a 5-class model", predict_main, args("@foreign_onnx", "@good_image"), 2, path_of("foreign_onnx")),

@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import call, train_tiny_run
 
-from cifar_lightning import cli, models, recipes, train
+from cifar_lightning import cli, models, recipes, training
 from cifar_lightning.checkpoint import load_checkpoint
 from cifar_lightning.module import ImageClassifier
 
@@ -80,13 +80,13 @@ def test_each_preset_resolves_to_a_complete_valid_configuration(preset: str) -> 
     assert cfg.preset == preset
     for key, value in recipes.preset(preset).items():
         assert getattr(cfg, key) == value
-    train.check_before_start(cfg)  # raises on an unknown network
+    training.check_before_start(cfg)  # raises on an unknown network
     module = ImageClassifier(
         model=cfg.model, lr=cfg.lr, optimizer=cfg.optimizer, schedule=cfg.schedule, tta=cfg.tta,
         model_args=cfg.model_args(),
     )  # fmt: skip
     assert module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    assert train.resolve_precision(cfg.precision, "cpu") in recipes.PRECISIONS
+    assert training.resolve_precision(cfg.precision, "cpu") in recipes.PRECISIONS
 
 
 def test_default_is_the_fast_preset_and_flags_override_it() -> None:
@@ -154,7 +154,7 @@ def test_the_94_and_95_presets_use_the_alternating_flip_and_lookahead_and_drop_t
     assert cli.resolve_train_config(["--preset", "94", "--augment", "robust"]).alternate_flip is True
     explicit = cli.resolve_train_config(["--preset", "94", "--augment", "none", "--alternate-flip"])
     with pytest.raises(recipes.ConfigError, match="--no-alternate-flip"):
-        train.check_before_start(explicit)
+        training.check_before_start(explicit)
 
 
 def test_the_96_preset_is_airbench96s_network_and_augmentation() -> None:
@@ -224,5 +224,5 @@ def test_the_schedule_counts_the_steps_lightning_runs(tmp_path: Path, monkeypatc
     monkeypatch.setenv("CIFAR_LIGHTNING_CACHE", str(tmp_path / "cache"))
     argv = ["--preset", "94", "--widths", "8,16,16", "--batch-size", "16", "--tta", "0", "--log-images-every", "0"]
     cfg = cli.resolve_train_config(tiny_train_argv(tree, tmp_path / "logs", *argv, epochs=2))
-    train.run_training(cfg, callbacks=[Count()])
+    training.run_training(cfg, callbacks=[Count()])
     assert seen["ours"] == seen["ran"] == seen["lightning"] > 0

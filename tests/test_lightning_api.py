@@ -16,8 +16,8 @@ import pytest
     "module, name, used_for",
     [
         ("lightning.pytorch.overrides.distributed", "UnrepeatedDistributedSampler", "DDP val/test without repeated images (data.py)"),
-        ("lightning.pytorch.utilities.exceptions", "SIGTERMException", "a SIGTERM/Ctrl-C stop with a checkpoint (train.py)"),
-        ("lightning.pytorch.plugins.io", "TorchCheckpointIO", "atomic checkpoint writes (train.AtomicCheckpointIO)"),
+        ("lightning.pytorch.utilities.exceptions", "SIGTERMException", "a SIGTERM/Ctrl-C stop with a checkpoint (training.py)"),
+        ("lightning.pytorch.plugins.io", "TorchCheckpointIO", "atomic checkpoint writes (training.AtomicCheckpointIO)"),
         ("lightning.fabric.utilities.exceptions", "MisconfigurationException", "Trainer misconfiguration as a one-line error (cli.py)"),
     ],
 )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
-from conftest import REAL_DATA
+from conftest import REAL_DATA, REPO
 
 from cifar_lightning.cli import train_main
 
@@ -61,3 +62,28 @@ def test_fast_network_one_epoch_on_5000_real_images_beats_a_floor(tmp_path: Path
     results = json.loads((tmp_path / "logs/version_0/results.json").read_text())
     assert results["best_val_acc"] > 0.40, results
     assert results["test_acc"] > 0.40, results
+
+
+@pytest.mark.subprocess
+def test_the_seed_notebook_runs_on_a_subset_of_the_real_data(tmp_path: Path, real_cache: Path) -> None:
+    """notebooks/seed_walkthrough.ipynb, every cell, on 2,000 training images and 1 epoch per
+    run: what CI executes so that the notebook cannot rot (its stored outputs are a full run's)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = REPO / "notebooks" / "seed_walkthrough.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    env = {"SEED_NOTEBOOK_DATA": str(REAL_DATA), "SEED_NOTEBOOK_IMAGES": "2000", "SEED_NOTEBOOK_EPOCHS": "1",
+           "SEED_NOTEBOOK_REFIT_EPOCHS": "1", "SEED_NOTEBOOK_FAST_EPOCHS": "1", "SEED_NOTEBOOK_TENSORBOARD": "0",
+           "SEED_NOTEBOOK_WORK": str(tmp_path / "work"), "CIFAR_LIGHTNING_CACHE": str(real_cache), "MPLBACKEND": "Agg"}  # fmt: skip
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits them
+    try:
+        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "test accuracy" in text and "refit: test accuracy" in text and "ran on:" in text
+    assert (tmp_path / "work" / "exports" / "seed.onnx").is_file() and (tmp_path / "work" / "exports" / "seed_refit.onnx").is_file()
+    assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))

@@ -1,10 +1,12 @@
 """One training run in named steps: data, module, trainer, fit and test, results.
 
-    from cifar_lightning import recipes, train
-    results = train.run_training(recipes.build({"preset": "90", "data_dir": "../shared/data/cifar10"}))
+    import cifar_lightning
+    result = cifar_lightning.train(preset="seed", data_dir="../shared/data/cifar10", epochs=2)
+    result.metrics["test_acc"], result.checkpoint, result.classifier().predict(["cat.jpg"])
 
 Each step is a function a benchmark or a test can call or replace; ``run_training`` strings
-them together and is what ``cifar-train`` runs after resolving its recipe.
+them together and is what ``cifar-train`` runs after resolving its recipe; ``train`` is the
+same path for Python (a notebook), raising the project's exceptions instead of exiting.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ from cifar_lightning import calibration, runs
 from cifar_lightning.callbacks import EpochReport, Lookahead, RunEstimate, StepCheckpoint, StopOnSignal, TensorBoardImages
 from cifar_lightning.checkpoint import checkpoint_bytes, load_checkpoint, non_finite_tensor
 from cifar_lightning.data import CIFAR10DataModule
-from cifar_lightning.errors import ConfigError, RunInterruptedError, TrainingFailedError, shown_names
+from cifar_lightning.errors import ConfigError, RunInterruptedError, TrainingFailedError, shown_names, sigterm_raises
 from cifar_lightning.fileio import atomic_write_bytes, atomic_write_text, is_temp_sibling, refuse_overlap
-from cifar_lightning.inference import checkpoint_classifier, device_for
+from cifar_lightning.inference import Classifier, checkpoint_classifier, device_for, load_classifier
 from cifar_lightning.models import MODELS
 from cifar_lightning.module import ImageClassifier, NonFiniteLossError
-from cifar_lightning.recipes import TrainConfig, parse_max_time
+from cifar_lightning.recipes import FIELDS, TrainConfig, parse_max_time, read_yaml
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -141,7 +143,7 @@ def check_before_start(cfg: TrainConfig) -> None:
     device_for(cfg.accelerator)  # an accelerator this machine lacks: one line, before anything
     if cfg.data_dir and not cfg.resume:
         # A run folder inside the data would become a class folder of the next run's data.
-        refuse_overlap(Path(cfg.log_dir), {"data dir": Path(cfg.data_dir)}, inside={"data dir": Path(cfg.data_dir)}, flag="--log-dir")
+        refuse_overlap(Path(cfg.log_dir), {}, inside={"data dir": Path(cfg.data_dir)}, flag="--log-dir")
     launched = "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ or {"MASTER_ADDR", "NODE_RANK"} <= set(os.environ)
     if cfg.num_nodes > 1 and not launched:
         raise ConfigError(
@@ -327,9 +329,10 @@ def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, che
     if trainer.interrupted:
         raise ConfigError(f"training interrupted; resume with: cifar-train --resume {runs.last_checkpoint(start.run_dir)}")
     tested = checkpoints.tested()
-    if calibrate != "none":
-        calibrate_checkpoints(trainer, dm, [tested, checkpoints.last_good()], calibrate)
-    return trainer.test(start.module, datamodule=dm, ckpt_path=tested, verbose=False)[0], tested
+    with sigterm_raises():  # fit is over: a SIGTERM now stops at once, and the atomic writes clean up
+        if calibrate != "none":
+            calibrate_checkpoints(trainer, dm, [tested, checkpoints.last_good()], calibrate)
+        return trainer.test(start.module, datamodule=dm, ckpt_path=tested, verbose=False)[0], tested
 
 
 def calibrate_checkpoints(trainer: L.Trainer, dm: CIFAR10DataModule, paths: list[str], split: str) -> None:
@@ -434,6 +437,42 @@ def train_command(cfg: TrainConfig) -> dict[str, Any]:
     if results["global_rank"] == 0:
         print(summary(results))
     return results
+
+
+@dataclass
+class TrainResult:
+    """A finished run, as ``train`` returns it: its folder, the checkpoint the test scored and
+    what results.json holds."""
+
+    run_dir: Path
+    checkpoint: Path
+    metrics: dict[str, Any]
+
+    def classifier(self, device: str = "cpu", calibrate: bool = True) -> Classifier:
+        """The tested checkpoint through the one inference path (its test-time views and temperature)."""
+        return load_classifier(self.checkpoint, device=device, calibrate=calibrate)
+
+
+def train(preset: str | None = None, data_dir: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
+          **overrides: Any) -> TrainResult:  # fmt: skip
+    """``cifar-train`` from Python: the same recipe layers (preset < ``config`` YAML < overrides,
+    named like ``TrainConfig``'s fields, e.g. ``epochs=2``), the same run and the same summary.
+    A bad value raises ``ConfigError``, bad data ``DataError``, a failed run
+    ``TrainingFailedError``, a stop by Ctrl-C ``RunInterruptedError``: nothing exits."""
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"train(): unknown option(s) {', '.join(unknown[:5])}; the options are TrainConfig's fields")
+
+    def plain(v: Any) -> Any:  # paths and tuples as a YAML recipe or a flag would give them
+        return os.fspath(v) if isinstance(v, os.PathLike) else list(v) if isinstance(v, tuple) else v
+
+    given = {k: plain(v) for k, v in {"preset": preset, "data_dir": data_dir, **overrides}.items() if v is not None}
+    cfg = runs.resolve_recipe({**(read_yaml(os.fspath(config)) if config is not None else {}), **given})
+    results = train_command(cfg)
+    run_dir = Path(results["run_dir"])
+    recorded = run_dir / runs.RESULTS
+    metrics = json.loads(recorded.read_text()) if recorded.is_file() else {k: v for k, v in results.items() if k != "global_rank"}
+    return TrainResult(run_dir, Path(results["best_checkpoint"]), metrics)
 
 
 def summary(r: dict[str, Any]) -> str:

@@ -1,0 +1,105 @@
+"""Ready-made models: ``pretrained:NAME`` in every command, and the bundled files checked
+against their records (SHA-256, and accuracy on 2,000 real test images)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REAL_DATA, call, copy_of_seed_run
+
+from cifar_lightning import bundled
+from cifar_lightning.cli import evaluate_main, export_main, predict_main
+from cifar_lightning.errors import ModelError
+from cifar_lightning.fileio import sha256_of
+from cifar_lightning.inference import load_classifier
+
+SHIPPED = bundled.index()
+
+
+@pytest.fixture
+def fake_bundle(tmp_path_factory: pytest.TempPathFactory, seed_run_once, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """The tiny seed run exported in float16 as the only bundled model, 'tiny'."""
+    root = tmp_path_factory.mktemp("bundle")
+    tree, run = copy_of_seed_run(seed_run_once, root / "run")
+    weights = root / "weights"
+    weights.mkdir()
+    out = weights / "tiny.safetensors"
+    assert call(export_main, [str(run / "checkpoints" / "last.ckpt"), "--format", "safetensors", "--half", "--out", str(out)]) == 0
+    (weights / "index.json").write_text(json.dumps({"tiny": {"file": out.name, "sha256": sha256_of(out), "test_acc": 0.5}}))
+    monkeypatch.setattr(bundled, "folder", lambda: weights)
+    monkeypatch.setattr(bundled, "DEFAULT_ORDER", ("photo", "tiny"))
+    return {"tree": tree, "run": run, "file": out, "weights": weights}
+
+
+@pytest.mark.train
+def test_a_bundled_model_loads_by_name_and_predicts_as_its_file_does(fake_bundle) -> None:
+    by_name, by_file = load_classifier("pretrained:tiny"), load_classifier(fake_bundle["file"])
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(by_name.probabilities(images), by_file.probabilities(images))
+
+
+@pytest.mark.train
+def test_predict_without_a_model_uses_the_bundled_default_and_says_so(fake_bundle, capsys) -> None:
+    images = sorted((fake_bundle["tree"] / "test" / "cat").iterdir())[:2]
+    assert call(predict_main, [str(p) for p in images]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("model: pretrained:tiny (bundled; 50.00%")
+    assert all(str(p) in out for p in images)
+    assert call(predict_main, ["pretrained:tiny", *map(str, images), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)) == 2 and "model: pretrained:tiny" in captured.err
+
+
+@pytest.mark.train
+def test_evaluate_a_bundled_model_reports_in_the_current_folder_never_the_package(fake_bundle, tmp_path: Path, monkeypatch,
+                                                                                   capsys) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert call(evaluate_main, ["pretrained:tiny", "--data-dir", str(fake_bundle["tree"])]) == 0
+    assert (tmp_path / "pretrained_tiny_report" / "report.md").is_file()
+    assert sorted(p.name for p in fake_bundle["weights"].iterdir()) == ["index.json", "tiny.safetensors", "tiny.safetensors.json"]
+
+
+def test_an_unknown_bundled_name_is_one_clear_error(fake_bundle) -> None:
+    with pytest.raises(ModelError, match="no such bundled model; choose from pretrained:tiny"):
+        load_classifier("pretrained:nope")
+
+
+def test_without_any_bundled_model_a_command_asks_for_a_model_file(monkeypatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.setattr(bundled, "folder", lambda: tmp_path)
+    with pytest.raises(ModelError, match="holds no bundled model"):
+        bundled.default_name()
+
+
+def test_the_check_subset_is_fixed() -> None:
+    subset = bundled.check_subset(10_000)
+    assert len(subset) == 2000 == len(set(subset)) and subset == bundled.check_subset(10_000) and max(subset) < 10_000
+
+
+# ----------------------------------------------------------------------------- the shipped files
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED) or [pytest.param("none", marks=pytest.mark.skip("no bundled model in this tree"))])
+def test_a_shipped_file_matches_its_recorded_sha256_and_size(name: str) -> None:
+    record = SHIPPED[name]
+    path = bundled.folder() / record["file"]
+    assert sha256_of(path) == record["sha256"] and os.path.getsize(path) == record["size_bytes"]
+    assert sha256_of(path.with_name(path.name + ".json")) == record["sidecar_sha256"]
+    assert record["weights_dtype"] == "float16" and record["size_bytes"] < 20 << 20  # a few MB
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="needs ../shared/data/cifar10")
+@pytest.mark.parametrize("name", sorted(SHIPPED) or [pytest.param("none", marks=pytest.mark.skip("no bundled model in this tree"))])
+def test_a_shipped_model_scores_its_recorded_accuracy_on_2000_real_test_images(name: str) -> None:
+    from cifar_lightning.data import load_splits
+
+    test = load_splits(str(REAL_DATA), download=False)["test"]
+    subset = torch.tensor(bundled.check_subset(len(test.labels)))
+    probs = load_classifier(f"pretrained:{name}").probabilities(test.images[subset], batch_size=500)
+    acc = float((probs.argmax(1) == test.labels[subset]).float().mean())
+    assert abs(acc - SHIPPED[name]["check_acc"]) <= 0.005, (acc, SHIPPED[name]["check_acc"])
+    assert abs(acc - SHIPPED[name]["test_acc"]) <= 0.02  # the subset stands for the whole test set
