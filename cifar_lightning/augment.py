@@ -190,14 +190,17 @@ class BatchAugment:
         self.mode = mode
         self.options = {**defaults, **{k: float(v) for k, v in options.items() if v is not None}}
         for k, v in self.options.items():
-            if v < 0 or (k in ("flip", "jpeg", "noise", "blur") and v > 1) or (k in ("shift", "zoom", "brightness") and v >= 1):
+            if v < 0 or (k in ("flip", "jpeg", "noise", "blur") and v > 1) or (k in ("shift", "zoom", "brightness") and v >= 1) \
+                    or (k == "jpeg_quality_min" and not 5 <= v <= 95):
                 raise ValueError(f"augmentation range {k}={v} is out of range")
 
     @property
     def active(self) -> bool:
         return self.mode != "none"
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, photo_ops: bool = True) -> torch.Tensor:
+        """``photo_ops=False`` leaves out robust's JPEG, noise and blur (``--robust-from``: the
+        early epochs learn from clean images)."""
         o = self.options
         if self.mode == "seed":
             x = random_affine(images, o["shift"], o["zoom"], o["rotation"])
@@ -206,9 +209,10 @@ class BatchAugment:
         if self.mode in ("standard", "robust"):
             images = random_flip(random_crop(images, int(o["crop_padding"])), o["flip"])
             images = random_cutout(images, int(o["cutout"]))
-        if self.mode == "robust":
+        if self.mode == "robust" and photo_ops:
             # The order a photo meets them: optics blur, the sensor adds noise, the file is a JPEG.
-            images = random_jpeg(random_noise(random_blur(images, o["blur"]), o["noise"]), o["jpeg"])
+            qualities = tuple(range(int(o["jpeg_quality_min"]), 96, 5))
+            images = random_jpeg(random_noise(random_blur(images, o["blur"]), o["noise"]), o["jpeg"], qualities)
         return images
 
     def __repr__(self) -> str:

@@ -370,6 +370,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
         calib_size: int = 0,
         alternate_flip: bool = False,
+        robust_from: float = 0.0,
     ) -> None:
         super().__init__()
         # The recipe owns the bounds: a data module built by hand (not from_config) is held to the same.
@@ -402,7 +403,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             data_dir=cfg.data_dir, batch_size=cfg.batch_size, val_size=cfg.val_size, split_seed=cfg.split_seed,
             limit_train_images=cfg.limit_train_images, augment=cfg.augment, augment_options=cfg.augment_options(),
             source=cfg.data_source, num_workers=cfg.num_workers, download=cfg.download, shuffle_seed=cfg.seed,
-            calib_size=cfg.held_out_for_calibration(), alternate_flip=cfg.alternate_flip,
+            calib_size=cfg.held_out_for_calibration(), alternate_flip=cfg.alternate_flip, robust_from=cfg.robust_from,
         )  # fmt: skip
 
     @property
@@ -494,6 +495,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         if training and index and self.flip_base is not None:
             images = alternating_flip(images, index[0], self.flip_base, epoch)
         if training and self.augmenter.active:
-            images = self.augmenter(images)
+            epochs = getattr(self.trainer, "max_epochs", None) or 1
+            images = self.augmenter(images, photo_ops=epoch >= int(self.hparams.get("robust_from", 0.0) * epochs))
         return normalize(images), labels
 

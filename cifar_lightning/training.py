@@ -136,6 +136,8 @@ def check_before_start(cfg: TrainConfig) -> None:
         raise ConfigError(f"--model {cfg.model!r}: unknown; choose from {', '.join(sorted(MODELS))}")
     if cfg.alternate_flip and cfg.augment not in ("standard", "robust"):
         raise ConfigError(f"--alternate-flip needs --augment standard or robust (got {cfg.augment}); or add --no-alternate-flip")
+    if cfg.robust_from and cfg.augment != "robust":
+        raise ConfigError(f"--robust-from {cfg.robust_from}: delays the photo operations of --augment robust (got {cfg.augment})")
     if cfg.calibrate == "val" and cfg.val_size == 0:
         raise ConfigError("--calibrate val needs a validation split (--val-size > 0); use --calibrate heldout or auto")
     if cfg.strategy != "auto" and cfg.strategy not in StrategyRegistry.available_strategies():

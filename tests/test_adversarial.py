@@ -495,3 +495,14 @@ def test_a_full_disk_error_says_so_in_one_line(capsys) -> None:
     assert exit_status("cifar-export", body) == 1
     line = one_error_line(capsys)
     assert "no space left" in line and "/somewhere/m.onnx" in line
+
+
+def test_a_data_or_log_dir_whose_name_is_not_utf8_is_refused_before_training(tmp_path: Path, capsys) -> None:
+    odd = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))  # a name a run record (YAML, JSON) cannot hold
+    for flag in ("--data-dir", "--log-dir"):
+        argv = tiny_train_argv(tmp_path / "tree", tmp_path / "logs", flag, odd)
+        assert call(train_main, argv) == 2
+        line = one_error_line(capsys)
+        assert flag in line and "UTF-8" in line
+        line.encode("utf-8")  # the message itself is printable
+    assert not (tmp_path / "logs").exists()

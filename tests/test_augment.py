@@ -111,3 +111,49 @@ def test_no_augmentation_by_default(imagefolder: Path) -> None:
     x, y = next(iter(dm.train_dataloader()))
     xt, _ = _hook(dm, (x, y), training=True)
     assert torch.equal(xt, normalize(x))
+
+
+def test_jpeg_quality_min_narrows_the_qualities_robust_draws() -> None:
+    """With every image re-encoded and the range narrowed to 95 alone, each comes out as its
+    quality-95 JPEG; the default range (30-95) comes out different from it."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    q95 = torch.stack(decode_jpeg(encode_jpeg(list(images), quality=95)))
+    narrow = BatchAugment("robust", crop_padding=0, flip=0, jpeg=1, noise=0, blur=0, jpeg_quality_min=95)
+    wide = BatchAugment("robust", crop_padding=0, flip=0, jpeg=1, noise=0, blur=0)
+    torch.manual_seed(0)
+    assert torch.equal(narrow(images), q95)
+    torch.manual_seed(0)
+    assert not torch.equal(wide(images), q95)
+    with pytest.raises(ValueError, match="jpeg_quality_min"):
+        BatchAugment("robust", jpeg_quality_min=100)
+
+
+def test_without_photo_ops_robust_is_its_crop_and_flip_only() -> None:
+    images = textured_batch(16)
+    torch.manual_seed(3)
+    plain = BatchAugment("robust", jpeg=1, noise=1, blur=1)(images, photo_ops=False)
+    torch.manual_seed(3)
+    standard = BatchAugment("standard", crop_padding=4)(images)
+    assert torch.equal(plain, standard)
+
+
+@pytest.mark.parametrize(("epoch", "photo"), [(0, False), (1, False), (2, True), (3, True)])
+def test_robust_from_delays_the_photo_ops_to_its_share_of_the_epochs(epoch: int, photo: bool, monkeypatch) -> None:
+    dm = CIFAR10DataModule(augment="robust", augment_options={"jpeg": 1.0, "noise": 0.0, "blur": 0.0}, robust_from=0.5)
+    seen = []
+    monkeypatch.setattr(dm.augmenter, "__class__", type("Spy", (BatchAugment,), {
+        "__call__": lambda self, images, photo_ops=True: seen.append(photo_ops) or images}))  # fmt: skip
+    dm.trainer = SimpleNamespace(training=True, current_epoch=epoch, max_epochs=4)
+    dm.on_after_batch_transfer((textured_batch(4), torch.zeros(4, dtype=torch.long)), 0)
+    assert seen == [photo]
+
+
+def test_robust_from_without_robust_augmentation_is_refused_before_a_run() -> None:
+    from cifar_lightning import recipes, training
+    from cifar_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--robust-from"):
+        training.check_before_start(recipes.build({"preset": "94", "robust_from": 0.5}))
+    training.check_before_start(recipes.build({"preset": "94", "augment": "robust", "robust_from": 0.5, "accelerator": "cpu"}))
