@@ -59,13 +59,14 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
         result["precision"] = run_precision(config.get("precision", "auto"), config.get("accelerator", args.accelerator))
         if args.corruptions:
             evaluate = [*base, "evaluate", r["best_checkpoint"], "--corruptions", "--accelerator", args.accelerator,
-                        "--out", str(logs / "report"), "--grid", "16"]  # fmt: skip
+                        "--out", str(logs / "report"), "--grid", "16", "--split", args.split]  # fmt: skip
             code = subprocess.call(evaluate, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
             result["evaluate_exit"] = code
             metrics_file = logs / "report" / "metrics.json"
             if code == 0 and metrics_file.is_file():
                 m = json.loads(metrics_file.read_text())
-                result["clean_accuracy"] = m["accuracy"]
+                result["clean_accuracy"] = m["accuracy"]  # on --split (the test split unless asked)
+                result["eval_ece"] = m["ece"]
                 result["corruption_mean_accuracy"] = m["corruption_mean_accuracy"]
                 result["corruption_mean_ece"] = m["corruption_mean_ece"]
                 result["jpeg75_accuracy"] = next(r["accuracy"] for r in m["corruptions"]["jpeg"] if r["label"] == "q75")
@@ -111,8 +112,8 @@ class References:
         return f"normalised train s = train s x rate / 1000 GFLOP/s, in each job's precision: {rates} ({self.device})"
 
 
-KEYS = ("best_val_acc", "test_acc", "test_ece_uncalibrated", "test_ece", "temperature", "jpeg75_accuracy", "corruption_mean_accuracy",
-        "corruption_mean_ece", "train_seconds", "train_norm_s")  # fmt: skip
+KEYS = ("best_val_acc", "test_acc", "test_ece_uncalibrated", "test_ece", "temperature", "clean_accuracy", "eval_ece", "jpeg75_accuracy",
+        "corruption_mean_accuracy", "corruption_mean_ece", "train_seconds", "train_norm_s")  # fmt: skip
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -163,6 +164,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="jobs at once (each gets cores / workers threads)")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--no-corruptions", dest="corruptions", action="store_false")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the split the clean/JPEG/corrupted evaluation reads (val: to choose a recipe; needs --val-size > 0)")
     p.add_argument("--deadline", type=float, default=0, help="seconds after which no new job starts (0: none)")
     args = p.parse_args()
     variants = [v.split("=", 1) for v in (args.variant or DEFAULT_VARIANTS)]
