@@ -138,8 +138,19 @@ def test_show_data_never_writes_into_its_data_through_an_alias(run, tmp_path: Pa
     before = tree_state(tree)
     victim = next((tree / "train" / "cat").iterdir())
     for out in (link / "train" / "cat" / victim.name, link / "train" / "dog" / "zz.png", tree / "nothere" / ".." / "train" / "x.png"):
-        assert call(show_data_main, [str(tree), "--out", str(out), "--overwrite"]) == 2
-        one_error_line(capsys)
+        assert call(show_data_main, ["--data-dir", str(tree), "--out", str(out), "--overwrite"]) == 2
+        assert "--out" in one_error_line(capsys)
+    assert tree_state(tree) == before
+
+
+def test_evaluate_never_writes_its_report_into_the_data_through_an_alias(run, tmp_path: Path, capsys) -> None:
+    tree = Path(shutil.copytree(run["tree"], tmp_path / "tree"))
+    link = tmp_path / "T"
+    link.symlink_to(tree, target_is_directory=True)
+    before = tree_state(tree)
+    for out in (link / "train" / "cat" / "report", tree / "x" / ".." / "train" / "dog"):
+        assert call(evaluate_main, [str(run["ckpt"]), "--data-dir", str(tree), "--out", str(out), "--overwrite"]) == 2
+        assert "--out" in one_error_line(capsys)
     assert tree_state(tree) == before
 
 
@@ -332,7 +343,8 @@ def test_a_log_dir_inside_the_data_is_refused_before_anything_is_written(run, tm
     before = tree_state(tree)
     for logs in (tree / "train", link / "train" / "cat", tree / "x" / ".." / "test"):
         assert call(train_main, tiny_train_argv(tree, logs)) == 2
-        assert "--log-dir" in one_error_line(capsys)
+        line = one_error_line(capsys)
+        assert "--log-dir" in line and "inside the data dir" in line
     assert tree_state(tree) == before and sorted(p.name for p in (tree / "train").iterdir()) == sorted(os.listdir(run["tree"] / "train"))
 
 
@@ -345,14 +357,15 @@ def test_a_calibration_split_left_empty_is_refused_before_a_run_folder_exists(ru
     assert not list(logs.glob("version_*"))
 
 
-@pytest.mark.parametrize("extra", [["--data-dir", "ELEVEN"], ["--lr", "0.5"]], ids=["eleven-classes", "other-lr"])
-def test_a_resume_that_cannot_go_ahead_leaves_the_run_as_it_was(run, tmp_path: Path, capsys, extra: list[str]) -> None:
+@pytest.mark.parametrize(("extra", "says"), [(["--data-dir", "ELEVEN"], "11 ("), (["--lr", "0.5"], "--lr")],
+                         ids=["eleven-classes", "other-lr"])  # fmt: skip
+def test_a_resume_that_cannot_go_ahead_leaves_the_run_as_it_was(run, tmp_path: Path, capsys, extra: list[str], says: str) -> None:
     _, moved = copy_of_seed_run((run["tree"], run["run"]), tmp_path / "copy")
     eleven = write_imagefolder(tmp_path / "eleven", n_train=3, n_test=1, classes=[*sorted(os.listdir(run["tree"] / "train")), "zebra"])
     extra = [str(eleven) if a == "ELEVEN" else a for a in extra]
     before = tree_state(moved)
     assert call(train_main, ["--resume", str(moved / "checkpoints" / "last.ckpt"), "--epochs", "2", "--no-progress-bar", *extra]) == 2
-    one_error_line(capsys)
+    assert says in one_error_line(capsys)
     assert tree_state(moved) == before
 
 
@@ -421,6 +434,16 @@ def test_writing_the_temperature_to_a_full_disk_says_so_and_keeps_the_checkpoint
     assert exit_status("cifar-train", body, sigterm=False) == 1
     assert "no space left" in one_error_line(capsys)
     assert ckpt.read_bytes() == before and not leftovers(small_disk)
+
+
+@pytest.mark.faults
+def test_show_data_to_a_full_disk_is_exit_1_and_leaves_nothing(run, small_disk: Path) -> None:
+    fill(small_disk, leave=4 << 10)
+    argv = ["show-data", "--data-dir", str(run["tree"]), "--out", str(small_disk / "g.png")]
+    proc = subprocess.run([sys.executable, "-m", "cifar_lightning", *argv], cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "no space left" in lines[0], proc.stderr
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
 
 
 @pytest.mark.faults
