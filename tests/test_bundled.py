@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REAL_DATA, call, copy_of_seed_run
+from conftest import REAL_DATA, REPO, call, copy_of_seed_run
 
 from cifar_lightning import bundled
 from cifar_lightning.cli import evaluate_main, export_main, predict_main
@@ -103,3 +106,15 @@ def test_a_shipped_model_scores_its_recorded_accuracy_on_2000_real_test_images(n
     acc = float((probs.argmax(1) == test.labels[subset]).float().mean())
     assert abs(acc - SHIPPED[name]["check_acc"]) <= 0.005, (acc, SHIPPED[name]["check_acc"])
     assert abs(acc - SHIPPED[name]["test_acc"]) <= 0.02  # the subset stands for the whole test set
+
+
+@pytest.mark.subprocess
+def test_the_built_package_carries_the_bundled_files(tmp_path: Path) -> None:
+    """What `pip install .` installs: a wheel built from this tree holds every bundled file and the index."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    wheel = next(tmp_path.glob("cifar_lightning-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "cifar_lightning/weights/index.json" in names
+    for record in SHIPPED.values():
+        assert {f"cifar_lightning/weights/{record['file']}", f"cifar_lightning/weights/{record['file']}.json"} <= names
