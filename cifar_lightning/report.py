@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")  # headless: figures are files and TensorBoard images, never windows
+if "ipykernel" not in sys.modules:  # in a notebook, its inline backend shows the figures
+    matplotlib.use("Agg")  # headless: figures are files and TensorBoard images, never windows
 
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
