@@ -262,12 +262,16 @@ def predict_parser() -> argparse.ArgumentParser:
 
 def split_model_argument(args: list[str]) -> tuple[str | None, list[str]]:
     """(model, image paths): the first argument is the model when it names one (pretrained:NAME,
-    a model file's suffix, or a file whose bytes are a model's), else every argument is an image."""
+    a model file's suffix, a file whose bytes are a model's, or a file that is no image file
+    followed by more paths: it is refused as a model of an unknown kind), else every argument
+    is an image."""
+    from cifar_lightning.images import IMAGE_SUFFIXES
     from cifar_lightning.inference import MODEL_SUFFIXES, sniff_model_kind
 
     first = Path(args[0])
     named = args[0].startswith(bundled.PREFIX) or first.suffix.lower() in (*MODEL_SUFFIXES, ".pt", ".pth")
-    if len(args) > 1 and (named or (first.is_file() and sniff_model_kind(first))):
+    other_file = first.is_file() and (sniff_model_kind(first) or first.suffix.lower() not in IMAGE_SUFFIXES)
+    if len(args) > 1 and (named or other_file):
         return args[0], args[1:]
     if named:
         raise ConfigError(f"{args[0]}: a model but no image to classify; give image files or folders after it")
