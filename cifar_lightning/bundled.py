@@ -77,6 +77,12 @@ def resolve(spec: str | Path) -> Path:
     return path
 
 
+def recipe_of(spec: str) -> dict[str, Any]:
+    """What a fine-tune from a bundled model continues: the preset that trained it."""
+    record = index().get(spec[len(PREFIX):], {})
+    return {"preset": record["preset"]} if isinstance(record.get("preset"), str) else {}
+
+
 def describe(spec: str | Path) -> str:
     """How a command names the model it uses: the bundled name with its recorded accuracy, or the path."""
     if not is_bundled(spec):

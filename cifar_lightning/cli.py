@@ -38,7 +38,8 @@ def _positive_int(text: str) -> int:
 
 # ----------------------------------------------------------------------------- train
 
-METAVARS = {"resume": "PATH|last", "init_from": "CKPT", "log_images_every": "K", "checkpoint_every_steps": "N", "widths": "A,B,C"}
+METAVARS = {"resume": "PATH|last", "init_from": "CKPT|pretrained:NAME", "log_images_every": "K", "checkpoint_every_steps": "N",
+            "widths": "A,B,C"}
 BY_PRESET = {"model", "epochs", "batch_size", "lr", "optimizer", "schedule", "val_size", "augment", "precision", "tta", "widths", "depth",
              "calibrate"}
 

@@ -144,7 +144,8 @@ class TrainConfig(BaseModel):
     log_images_every: int = knob(1, "TensorBoard confusion heatmap and prediction grid every K validation epochs; 0 never", ge=0)
     checkpoint_every_steps: int = knob(0, "also save last.ckpt every N steps, so a kill loses at most N (0: each epoch)", ge=0)
     resume: str | None = knob(None, "continue a run from its checkpoint ('last': the newest run's last.ckpt)")
-    init_from: str | None = knob(None, "start a NEW run from these weights (e.g. refit with augmentation)")
+    init_from: str | None = knob(None, "start a NEW run from these weights (a refit, or a fine-tune): a checkpoint, "
+                                              "a .safetensors export or pretrained:NAME")
 
     @field_validator("widths", mode="before")
     @classmethod

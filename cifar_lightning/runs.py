@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from cifar_lightning import bundled
 from cifar_lightning.errors import CheckpointError, ConfigError, DataError
 from cifar_lightning.fileio import claim_new_dir
 from cifar_lightning.recipes import TrainConfig, build, read_yaml
@@ -130,11 +131,12 @@ def resolve_recipe(given: dict[str, Any]) -> TrainConfig:
         ckpt = find_last_checkpoint(log_dir) if given["resume"] == "last" else Path(given["resume"])
         saved = saved_run_config(ckpt)
         given["resume"] = str(ckpt)
-    refit_of = saved_run_config(Path(given["init_from"])) if given.get("init_from") else None
+    init = given.get("init_from")
+    refit_of = (bundled.recipe_of(init) if bundled.is_bundled(init) else saved_run_config(Path(init))) if init else None
     cfg = build(given, saved, refit_of)
     # Paths are recorded absolute: a run's config.yaml, and the evaluate/export commands that
     # read it, must not depend on the directory they are started from.
     for key in ("data_dir", "log_dir", "init_from", "resume"):
-        if getattr(cfg, key):
+        if getattr(cfg, key) and not bundled.is_bundled(getattr(cfg, key)):
             setattr(cfg, key, os.path.abspath(os.path.expanduser(getattr(cfg, key))))
     return cfg

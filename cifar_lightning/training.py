@@ -32,13 +32,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cifar_lightning import calibration, runs
+from cifar_lightning import bundled, calibration, runs
 from cifar_lightning.callbacks import EpochReport, Lookahead, RunEstimate, StepCheckpoint, StopOnSignal, TensorBoardImages
 from cifar_lightning.checkpoint import checkpoint_bytes, load_checkpoint, non_finite_tensor
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.errors import ConfigError, RunInterruptedError, TrainingFailedError, shown_names, sigterm_raises
 from cifar_lightning.fileio import atomic_write_bytes, atomic_write_text, is_temp_sibling, refuse_overlap
-from cifar_lightning.inference import Classifier, checkpoint_classifier, device_for, load_classifier
+from cifar_lightning.inference import Classifier, checkpoint_classifier, device_for, load_classifier, network_from_safetensors, read_sidecar
 from cifar_lightning.models import MODELS
 from cifar_lightning.module import ImageClassifier, NonFiniteLossError
 from cifar_lightning.recipes import FIELDS, TrainConfig, parse_max_time, read_yaml
@@ -227,14 +227,23 @@ def check_resume_agrees(cfg: TrainConfig, classes: list[str], module: ImageClass
 
 
 def load_init_weights(module: ImageClassifier, cfg: TrainConfig) -> None:
-    """--init-from: the network's weights from another run (a refit), nothing of its state."""
-    src = load_checkpoint(cfg.init_from)
-    if src["hyper_parameters"]["model"] != cfg.model:
-        raise ConfigError(
-            f"--init-from {cfg.init_from}: a {src['hyper_parameters']['model']!r} checkpoint cannot initialise --model {cfg.model!r}"
-        )
+    """--init-from: the network's weights from another run (a refit) or from a safetensors
+    export such as ``pretrained:94`` (a fine-tune, e.g. ``--preset photo``), nothing of its state.
+    A float16 export is widened to the module's float32."""
+    path = bundled.resolve(cfg.init_from)
+    if path.suffix == ".safetensors":
+        meta = read_sidecar(path, required=True)
+        kind = meta.get("model")
+        state = network_from_safetensors(path, meta).state_dict()
+    else:
+        src = load_checkpoint(path)
+        kind = src["hyper_parameters"]["model"]
+        state = {k[4:]: v for k, v in src["state_dict"].items() if k.startswith("net.")}
+    if kind != cfg.model:
+        raise ConfigError(f"--init-from {cfg.init_from}: a {kind!r} network cannot initialise --model {cfg.model!r}")
+    own = module.net.state_dict()
     try:
-        module.net.load_state_dict({k[4:]: v for k, v in src["state_dict"].items() if k.startswith("net.")})
+        module.net.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()})
     except RuntimeError as e:
         raise ConfigError(f"--init-from {cfg.init_from}: weights do not fit ({str(e).splitlines()[0]})") from None
 

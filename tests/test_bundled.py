@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REAL_DATA, REPO, call, copy_of_seed_run
+from conftest import CLASSES, REAL_DATA, REPO, call, copy_of_seed_run, tiny_train_argv
+from safetensors.torch import load_file
 
-from cifar_lightning import bundled
-from cifar_lightning.cli import evaluate_main, export_main, predict_main
+from cifar_lightning import bundled, runs, training
+from cifar_lightning.cli import evaluate_main, export_main, predict_main, train_main
 from cifar_lightning.errors import ModelError
 from cifar_lightning.fileio import sha256_of
 from cifar_lightning.inference import load_classifier
+from cifar_lightning.module import ImageClassifier
+from cifar_lightning.recipes import read_yaml
 
 SHIPPED = bundled.index()
 
@@ -64,6 +67,34 @@ def test_evaluate_a_bundled_model_reports_in_the_current_folder_never_the_packag
     assert call(evaluate_main, ["pretrained:tiny", "--data-dir", str(fake_bundle["tree"])]) == 0
     assert (tmp_path / "pretrained_tiny_report" / "report.md").is_file()
     assert sorted(p.name for p in fake_bundle["weights"].iterdir()) == ["index.json", "tiny.safetensors", "tiny.safetensors.json"]
+
+
+@pytest.mark.train
+def test_a_run_can_start_from_a_bundled_model(fake_bundle, tmp_path: Path) -> None:
+    """--init-from pretrained:NAME (what --preset photo does): the float16 weights, widened to
+    float32, are where training starts; the name is recorded as given, not made a path."""
+    cfg = runs.resolve_recipe({"preset": "seed", "init_from": "pretrained:tiny", "data_dir": str(fake_bundle["tree"])})
+    assert cfg.init_from == "pretrained:tiny"
+    module = ImageClassifier.from_config(cfg, list(CLASSES))
+    training.load_init_weights(module, cfg)
+    shipped = load_file(str(fake_bundle["file"]))
+    own = module.net.state_dict()
+    assert all(own[k].dtype == torch.float32 and torch.equal(own[k], v.float()) for k, v in shipped.items() if v.is_floating_point())
+    logs = tmp_path / "logs"
+    assert call(train_main, tiny_train_argv(fake_bundle["tree"], logs, "--init-from", "pretrained:tiny")) == 0
+    assert read_yaml(logs / "version_0" / "config.yaml")["init_from"] == "pretrained:tiny"
+
+
+@pytest.mark.parametrize("spec, says", [("pretrained:nope", "no such bundled model"),
+                                        ("pretrained:tiny", "a 'seed' network cannot initialise")])  # fmt: skip
+def test_a_bundled_start_that_cannot_be_is_one_line_before_any_run(fake_bundle, tmp_path: Path, capsys, spec: str, says: str) -> None:
+    argv = tiny_train_argv(fake_bundle["tree"], tmp_path / "logs", "--init-from", spec)
+    if spec == "pretrained:tiny":
+        argv += ["--preset", "94"]  # the fast network, which a seed network's weights cannot start
+    assert call(train_main, argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").glob("version_*"))
 
 
 def test_an_unknown_bundled_name_is_one_clear_error(fake_bundle) -> None:
