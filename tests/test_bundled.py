@@ -15,7 +15,7 @@ import torch
 from conftest import CLASSES, REAL_DATA, REPO, call, copy_of_seed_run, tiny_train_argv
 from safetensors.torch import load_file
 
-from cifar_lightning import bundled, runs, training
+from cifar_lightning import bundled, recipes, runs, training
 from cifar_lightning.cli import evaluate_main, export_main, predict_main, train_main
 from cifar_lightning.errors import ModelError
 from cifar_lightning.fileio import sha256_of
@@ -83,6 +83,19 @@ def test_a_run_can_start_from_a_bundled_model(fake_bundle, tmp_path: Path) -> No
     logs = tmp_path / "logs"
     assert call(train_main, tiny_train_argv(fake_bundle["tree"], logs, "--init-from", "pretrained:tiny")) == 0
     assert read_yaml(logs / "version_0" / "config.yaml")["init_from"] == "pretrained:tiny"
+
+
+@pytest.mark.skipif("94" not in SHIPPED, reason="built without the bundled weights")
+def test_the_photo_preset_starts_from_the_bundled_94_model() -> None:
+    cfg = runs.resolve_recipe({"preset": "photo"})
+    assert (cfg.init_from, cfg.augment, cfg.val_size, cfg.calib_size) == ("pretrained:94", "robust", 0, 2000)
+    # the 94 run's held-out images stay held out: the same fixed split, the same count
+    assert (cfg.split_seed, cfg.calib_size) == (recipes.preset("94").get("split_seed", 0), recipes.preset("94")["calib_size"])
+    module = ImageClassifier.from_config(cfg, list(CLASSES))
+    training.load_init_weights(module, cfg)
+    shipped = load_file(str(bundled.resolve("pretrained:94")))
+    own = module.net.state_dict()
+    assert all(torch.equal(own[k], v.float()) for k, v in shipped.items() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("spec, says", [("pretrained:nope", "no such bundled model"),

@@ -74,7 +74,7 @@ def test_batchnorm_shifts_get_their_own_learning_rate_and_decay() -> None:
     assert {id(p) for p in norm["params"]} == norm_ids
 
 
-@pytest.mark.parametrize("preset", ["seed", "90", "93", "94", "95", "96"])
+@pytest.mark.parametrize("preset", ["seed", "90", "93", "94", "95", "96", "photo"])
 def test_each_preset_resolves_to_a_complete_valid_configuration(preset: str) -> None:
     cfg = cli.resolve_train_config(["--preset", preset])
     assert cfg.preset == preset
