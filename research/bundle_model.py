@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--command", required=True, help="the command that trained the run, as the record quotes it")
     p.add_argument("--machine", required=True, help="where it trained")
+    p.add_argument("--figures", type=Path, help="a JSON object of further measured figures to record (e.g. JPEG, corruptions)")
     args = p.parse_args()
 
     results = json.loads((args.run_dir / RESULTS).read_text())
@@ -64,6 +65,7 @@ def main() -> None:
         "test_ece": results["test_ece"],
         "temperature": (results.get("calibration") or {}).get("temperature"),
         "train_seconds": sum(results["train_seconds"]),
+        **(json.loads(args.figures.read_text()) if args.figures else {}),
     }
     index = bundled.index()
     index[args.name] = record
