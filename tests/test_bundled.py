@@ -98,6 +98,14 @@ def test_the_photo_preset_starts_from_the_bundled_94_model() -> None:
     assert all(torch.equal(own[k], v.float()) for k, v in shipped.items() if v.is_floating_point())
 
 
+@pytest.mark.skipif("photo" not in SHIPPED, reason="built without the photo model")
+def test_photo_is_the_default_and_its_record_says_what_it_started_from() -> None:
+    assert bundled.default_name() == "photo"
+    record = SHIPPED["photo"]
+    assert (record["preset"], record["starts_from"]) == ("photo", recipes.preset("photo")["init_from"])
+    assert record["command"].startswith("cifar-train --preset photo --seed ")
+
+
 @pytest.mark.parametrize("spec, says", [("pretrained:nope", "no such bundled model"),
                                         ("pretrained:tiny", "a 'seed' network cannot initialise")])  # fmt: skip
 def test_a_bundled_start_that_cannot_be_is_one_line_before_any_run(fake_bundle, tmp_path: Path, capsys, spec: str, says: str) -> None:
