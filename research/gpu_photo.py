@@ -18,16 +18,12 @@ Prints JSON lines; writes choice.json and the sweeps' summaries into --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 from benchmarks.harness import REPO
+from research.sweeps import TEST_SEEDS, TUNE_SEEDS, Deadline, parser, trust
 
-TUNE_SEEDS, TEST_SEEDS = ["0", "1", "2", "3"], ["8", "9", "10", "11"]
 ROBUST = "--augment robust"
 #: name -> cifar-train flags; each within 1.13 PFLOP of training
 CANDIDATES = {
@@ -43,14 +39,6 @@ CANDIDATES = {
 #: perm[:2000]), the only ones the fine-tune's starting weights never trained on
 VAL_SIZE = 2000
 JPEG_GAP, CORRUPTED_MIN = 0.02, 0.80
-
-
-def trust(out: Path, args: argparse.Namespace, seeds: list[str], variants: dict[str, str], split: str, deadline: float) -> list[str]:
-    cmd = [sys.executable, "-m", "benchmarks.trust", "--data-dir", args.data_dir, "--out", str(out), "--accelerator",
-           args.accelerator, "--workers", str(args.workers), "--deadline", str(deadline), "--split", split, "--seeds", *seeds]  # fmt: skip
-    for name, flags in variants.items():
-        cmd += ["--variant", f"{name}={flags} {args.extra}".strip()]
-    return cmd
 
 
 def mean(summary: dict, name: str, key: str) -> float | None:
@@ -76,32 +64,24 @@ def choose(summary: dict) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--limit", type=float, default=480, help="seconds after which no new job starts")
-    p.add_argument("--accelerator", default="gpu")
+    p = parser(__doc__.splitlines()[0], limit=480)
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--extra", default="", help="flags added to every run (a smoke test on the CPU: --epochs 1 ...)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-
-    def left() -> float:
-        return max(1.0, args.limit - (time.perf_counter() - start))
+    left = Deadline(args.limit).left
 
     variants = {n: f"{flags} --val-size {VAL_SIZE}" for n, flags in CANDIDATES.items()}
     with open(args.out / "sweep.log", "w") as log:
-        subprocess.call(trust(args.out / "sweep", args, TUNE_SEEDS, variants, "val", left() * 0.6), cwd=REPO, stdout=log,
-                        stderr=subprocess.STDOUT)  # fmt: skip
+        sweep = trust(args.out / "sweep", args, TUNE_SEEDS, variants, args.workers, left() * 0.6, "--split", "val")
+        subprocess.call(sweep, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     summary = json.loads((args.out / "sweep/summary.json").read_text())["summary"]
     choice = choose(summary)
     (args.out / "choice.json").write_text(json.dumps(choice, indent=2))
     print(json.dumps({"choice": choice}), flush=True)
     if choice["pick"]:
         with open(args.out / "test.log", "w") as log:
-            subprocess.call(trust(args.out / "test", args, TEST_SEEDS, {"photo": choice["flags"]}, "test", left()), cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            test = trust(args.out / "test", args, TEST_SEEDS, {"photo": choice["flags"]}, args.workers, left(), "--split", "test")
+            subprocess.call(test, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     for name in ("sweep", "test"):
         f = args.out / name / "summary.md"
         print(f"== {name}\n{f.read_text() if f.is_file() else '(none)'}", flush=True)

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import REPO
+from research.sweeps import TEST_SEEDS, TUNE_SEEDS, Deadline, parser
+from research.sweeps import trust as trust_command
 
-TUNE_SEEDS, TEST_SEEDS = ["0", "1", "2", "3"], ["8", "9", "10", "11"]
 AFLA = "--alternate-flip --lookahead"
 #: preset -> (the shipped preset's flags, {epochs: candidate flags}), candidates fewest epochs first
 SWEEP = {
@@ -39,14 +40,9 @@ SWEEP = {
 BAR_95 = 0.9425
 
 
-def trust(out: Path, args: argparse.Namespace, seeds: list[str], variants: dict[str, str], workers: int,
-          deadline: float) -> list[str]:  # fmt: skip
-    cmd = [sys.executable, "-m", "benchmarks.trust", "--data-dir", args.data_dir, "--out", str(out),
-           "--accelerator", args.accelerator, "--no-corruptions", "--workers", str(workers), "--deadline", str(deadline),
-           "--seeds", *seeds]  # fmt: skip
-    for name, flags in variants.items():
-        cmd += ["--variant", f"{name}={flags} {args.extra}".strip()]
-    return cmd
+def trust(out: Path, args: argparse.Namespace, seeds: list[str], variants: dict[str, str], workers: int, deadline: float) -> list[str]:
+    """The sweeps' ``benchmarks.trust`` call, without the corruptions: presets are chosen on clean accuracy."""
+    return trust_command(out, args, seeds, variants, workers, deadline, "--no-corruptions")
 
 
 def val_mean(summary: dict, name: str) -> float | None:
@@ -72,18 +68,9 @@ def choose(summary: dict) -> dict[str, dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--limit", type=float, default=520, help="seconds after which no new job starts")
-    p.add_argument("--accelerator", default="gpu")
-    p.add_argument("--extra", default="", help="flags added to every run (a smoke test on the CPU: --epochs 1 ...)")
-    args = p.parse_args()
+    args = parser(__doc__.splitlines()[0], limit=520).parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-
-    def left() -> float:
-        return max(1.0, args.limit - (time.perf_counter() - start))
+    left = Deadline(args.limit).left
 
     # 0. The shipped 94 preset alone on the GPU, with the conv reference before it.
     from research.gpu_airbench import gpu_bf16_conv_rate
