@@ -1,5 +1,6 @@
-"""CPU inference throughput of one checkpoint as eager PyTorch, TorchScript and onnxruntime,
-measured in one run, with ratios against eager. Prints; asserts nothing.
+"""CPU inference throughput of one checkpoint as eager PyTorch (NCHW, and NHWC: channels_last,
+as training runs), TorchScript and onnxruntime, measured in one run, with ratios against eager.
+Prints; asserts nothing.
 
     python -m benchmarks.inference lightning_logs/version_0/checkpoints/last.ckpt [--seconds 3]
 
@@ -11,6 +12,7 @@ GFLOP/s): the rate on a machine whose reference runs at 1,000 GFLOP/s).
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -56,7 +58,9 @@ def main() -> None:
             warnings.simplefilter("ignore", FutureWarning)
             scripted = torch.jit.load(str(Path(tmp) / "m.ts"))
         onnx = OnnxNetwork(Path(tmp) / "m.onnx")
-        engines = {"eager PyTorch": net, "TorchScript": scripted, "onnxruntime": onnx}
+        nhwc = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        engines = {"eager PyTorch": net, "eager NHWC": lambda x: nhwc(x.contiguous(memory_format=torch.channels_last)),
+                   "TorchScript": scripted, "onnxruntime": onnx}  # fmt: skip
         print(f"{machine()}; model {module.hparams.model}, test-time views level {tta}")
         print(f"reference: {rate_label(PRECISION, rate)} (inference computes in fp32); normalised images/s = raw / (rate / 1000)")
         print(f"{'engine':<15}{'batch':>7}{'images/s':>12}{'normalised':>12}{'vs eager':>10}")

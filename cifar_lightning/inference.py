@@ -205,6 +205,8 @@ class Classifier:
     def __init__(self, network: Any, class_names: Sequence[str], mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
                  device: str = "cpu", source: str = "", tta: int = 0, info: dict | None = None,
                  temperature: float = 1.0, graph_temperature: float = 1.0) -> None:  # fmt: skip
+        if isinstance(network, torch.nn.Module):
+            network = network.to(memory_format=torch.channels_last)  # as training runs: faster convolutions on CPU
         self.network = network
         self.class_names = list(class_names)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -228,7 +230,7 @@ class Classifier:
             for i in range(0, len(batch), batch_size):
                 x = normalize(batch[i : i + batch_size], self.mean, self.std)
                 if isinstance(self.network, torch.nn.Module):
-                    x = x.to(self.device)
+                    x = x.to(self.device).contiguous(memory_format=torch.channels_last)
                 out.append(self.network(x).float().cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.class_names))
 
