@@ -76,6 +76,20 @@ def test_predict_load_classifier_and_every_export_give_the_same_probabilities(fa
     assert torch.allclose(load_classifier(fast_run["ckpt"], tta=0).predict(files)[1], plain, atol=1e-5)
 
 
+def test_a_loaded_checkpoint_runs_channels_last_as_training_does_and_scores_as_in_nchw(fast_run) -> None:
+    clf = load_classifier(fast_run["ckpt"])
+    convs = [m for m in clf.network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    from cifar_lightning.images import normalize
+
+    nchw = clf.network.to(memory_format=torch.contiguous_format)
+    with torch.inference_mode():
+        ref = nchw(normalize(images).contiguous())
+    again = load_classifier(fast_run["ckpt"]).logits(images)
+    assert torch.allclose(again, ref, atol=1e-4)
+
+
 def test_training_folders_and_prediction_decode_an_image_the_same_way(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for size, mode in (((48, 64), "RGB"), ((40, 40), "L"), ((32, 32), "RGB"), ((300, 7), "RGBA")):
