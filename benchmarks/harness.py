@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
+from cifar_lightning import devices
+from cifar_lightning.devices import device_for  # noqa: F401 (the benchmarks import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 #: where the shared copy of CIFAR-10 lives on these machines (an image-folder tree)
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
@@ -86,8 +89,8 @@ def bf16_support() -> tuple[bool, str]:
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX, Arm BF16)."""
-    return bf16_support()[0]
+    """Whether this CPU computes bf16 natively: the package's own rule (``devices.native_bf16``)."""
+    return devices.native_bf16()
 
 
 def machine() -> str:
@@ -102,9 +105,7 @@ def machine() -> str:
 def training_precision(accelerator: str = "cpu") -> str:
     """The precision ``cifar-train --precision auto`` trains in here: bf16-mixed only where the
     hardware computes bf16 natively, else 32-true (the package's own rule, not a copy of it)."""
-    from cifar_lightning import training
-
-    return training.resolve_precision("auto", accelerator)
+    return devices.resolve_precision("auto", accelerator)
 
 
 def dtype_of(precision: str) -> torch.dtype:
@@ -126,13 +127,6 @@ def precision_name(precision: str) -> str:
 def autocast(precision: str, device: str = "cpu") -> torch.autocast:
     """The autocast a Lightning run in ``precision`` trains under (off for true precisions)."""
     return torch.autocast(device, dtype=dtype_of(precision), enabled=precision.endswith("-mixed"))
-
-
-def device_for(accelerator: str) -> str:
-    """'cuda' where a run with this --accelerator computes on a GPU, else 'cpu'."""
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
 
 
 # ----------------------------------------------------------------------------- timing

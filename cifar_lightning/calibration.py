@@ -64,12 +64,10 @@ def ece(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(multiclass_calibration_error(probs.float(), labels, probs.shape[1], n_bins=N_BINS, norm="l1"))
 
 
-def ece_metric(num_classes: int) -> Any:
-    """``ece`` as a torchmetrics metric, for a LightningModule that accumulates it over batches
-    (and processes, under DDP): the same bins and norm."""
-    import torchmetrics  # as in ece: the prediction path never loads it
-
-    return torchmetrics.classification.MulticlassCalibrationError(num_classes, n_bins=N_BINS, norm="l1")
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of images whose top class is the label: the one accuracy every report, check
+    and benchmark gives (probabilities or logits alike: the argmax is the same)."""
+    return float((probs.argmax(1) == labels.to(probs.device)).float().mean()) if len(labels) else float("nan")
 
 
 def apply_temperature(logits: torch.Tensor, t: float) -> torch.Tensor:
@@ -88,15 +86,16 @@ def summary(logits: torch.Tensor, labels: torch.Tensor, t: float, split: str) ->
         "fitted_on": split,
         "images": len(labels),
         "nll_before": float(F.cross_entropy(logits, labels)),
-        "nll_after": float(F.cross_entropy(logits / t, labels)),
+        "nll_after": float(F.cross_entropy(apply_temperature(logits, t), labels)),
         "ece_before": ece(logits.softmax(-1), labels),
-        "ece_after": ece((logits / t).softmax(-1), labels),
+        "ece_after": ece(apply_temperature(logits, t).softmax(-1), labels),
     }
 
 
 def usable_temperature(t: Any) -> bool:
-    """A temperature read from a file is usable when it is a finite number > 0."""
-    return not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t) and t > 0
+    """A temperature read from a file is usable when it is a number within what ``fit_temperature``
+    can fit (T_RANGE): a T of 1e-320 would turn every score infinite, and blame the images."""
+    return not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t) and T_RANGE[0] <= t <= T_RANGE[1]
 
 
 def temperature_of(calibration: Any, where: str | Path = "checkpoint") -> float:
@@ -106,5 +105,5 @@ def temperature_of(calibration: Any, where: str | Path = "checkpoint") -> float:
         return 1.0
     t = calibration.get("temperature") if isinstance(calibration, dict) else None
     if not usable_temperature(t):
-        raise CheckpointError(f"{where}: its calibration temperature {t!r} is not a positive number")
+        raise CheckpointError(f"{where}: its calibration temperature {t!r} is not a number in {T_RANGE[0]}-{T_RANGE[1]}")
     return float(t)

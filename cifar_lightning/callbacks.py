@@ -135,8 +135,8 @@ class TensorBoardImages(L.Callback):
     ``every_n_epochs`` validation epochs (0: never), and always for the final test, so even a
     run without a validation split shows what its model gets right and wrong.
 
-    The test images are classified by the module's ``test_step`` with its test-time views,
-    the same ``models.tta_logits`` that evaluation, prediction and exports use."""
+    The final test's images come from ``log_final``: the one scoring path's probabilities
+    (``inference.Classifier.score``), as evaluation and prediction give them."""
 
     def __init__(self, class_names: list[str], every_n_epochs: int = 1, grid: int = 16) -> None:
         self.class_names = list(class_names)
@@ -188,16 +188,13 @@ class TensorBoardImages(L.Callback):
         if self._val_active(trainer):
             self._log(trainer, "val", trainer.current_epoch, f"epoch {trainer.current_epoch + 1}")
 
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._reset()
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
-        if self._logging(trainer):
-            self._collect(outputs, batch)
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._logging(trainer):
-            self._log(trainer, "test", trainer.current_epoch, "test set (final model)")
+    def log_final(self, trainer: L.Trainer, images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor) -> None:
+        """The final test's figures, from the probabilities the one scoring path gave (uint8 images)."""
+        if not self._logging(trainer):
+            return
+        self._preds, self._labels = [probs.argmax(-1)], [labels.cpu()]
+        self._images, self._probs = images[: self.grid], probs[: self.grid]
+        self._log(trainer, "test", trainer.current_epoch, "test set (final model)")
 
 
 class Lookahead(L.Callback):

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cifar_lightning import bundled, recipes, runs
+from cifar_lightning import recipes, runs
 from cifar_lightning.errors import ConfigError, exit_status
 from cifar_lightning.recipes import ACCELERATORS, AUGMENT_RANGES, AUGMENTS, EXPORT_FORMATS, FIELDS, SECTIONS, TTA_LEVELS, WHY
 
@@ -189,7 +189,7 @@ def show_data_main(argv: list[str] | None = None) -> int:
     def body() -> int:
         ranges = {k: getattr(args, k) for k in AUGMENT_RANGES if getattr(args, k) is not None}
         ranges = recipes.check_values(ranges)
-        from cifar_lightning.report import show_data_command  # torch and matplotlib load only now
+        from cifar_lightning.show_data import show_data_command  # torch and matplotlib load only now
 
         show_data_command(args.data_dir, args.augment, ranges, args.per_class, args.n_augmented, args.seed, args.out,
                           args.overwrite, args.download)  # fmt: skip
@@ -204,11 +204,13 @@ def show_data_main(argv: list[str] | None = None) -> int:
 def export_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="cifar-export",
-        description="Export a checkpoint to safetensors (+ JSON metadata), ONNX or TorchScript, checked against "
+        description="Export a checkpoint to safetensors, ONNX, a torch.export program (pt2) or TorchScript (deprecated: "
+        "for C++ users), each with OUT.json metadata, checked against "
         "the PyTorch network on real test images. The checkpoint's test-time augmentation goes with it.",
     )
     p.add_argument("checkpoint", help="a Lightning .ckpt written by cifar-train")
-    p.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+                   help="pt2: a torch.export program for Python; torchscript is deprecated (torch 2.14), kept for C++")
     p.add_argument("--out", required=True, help="output file; its metadata goes to OUT.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--tta", type=int, choices=TTA_LEVELS,
@@ -262,17 +264,17 @@ def predict_parser() -> argparse.ArgumentParser:
 
 
 def split_model_argument(args: list[str]) -> tuple[str | None, list[str]]:
-    """(model, image paths): the first argument is the model when it names one (pretrained:NAME,
-    a model file's suffix, a file whose bytes are a model's, or a file that is no image file
-    followed by more paths: it is refused as a model of an unknown kind), else every argument
-    is an image."""
+    """(model, image paths): the first argument is the model when it names one
+    (``modelfile.looks_like_model``), or when it is a file that is no image followed by more
+    paths (then refused as a model of an unknown kind); else every argument is an image."""
     from cifar_lightning.images import IMAGE_SUFFIXES
-    from cifar_lightning.inference import MODEL_SUFFIXES, sniff_model_kind
+    from cifar_lightning.modelfile import looks_like_model
 
     first = Path(args[0])
-    named = args[0].startswith(bundled.PREFIX) or first.suffix.lower() in (*MODEL_SUFFIXES, ".pt", ".pth")
-    other_file = first.is_file() and (sniff_model_kind(first) or first.suffix.lower() not in IMAGE_SUFFIXES)
-    if len(args) > 1 and (named or other_file):
+    if not args[0].strip():
+        raise ConfigError("an empty model or path argument; give a model file or pretrained:NAME, then image files or folders")
+    named = looks_like_model(args[0])
+    if len(args) > 1 and (named or (first.is_file() and first.suffix.lower() not in IMAGE_SUFFIXES)):
         return args[0], args[1:]
     if named:
         raise ConfigError(f"{args[0]}: a model but no image to classify; give image files or folders after it")
@@ -284,7 +286,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     args = predict_parser().parse_args(argv)
 
     def body() -> int:
-        from cifar_lightning.inference import predict_command  # torch loads only now
+        from cifar_lightning.predict import predict_command  # torch loads only now
 
         model, paths = split_model_argument(args.paths)
         return predict_command(model, paths, args.top_k, args.json, args.batch_size, args.accelerator, args.calibrate)

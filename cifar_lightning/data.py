@@ -29,7 +29,7 @@ from cifar_lightning.augment import BatchAugment, alternating_flip
 from cifar_lightning.errors import DataError, ImageError, printable
 from cifar_lightning.fileio import atomic_write
 from cifar_lightning.images import CLASSES, IMAGE_SIZE, IMAGE_SUFFIXES, is_image_file, load_image, normalize
-from cifar_lightning.recipes import TrainConfig, check_values
+from cifar_lightning.recipes import TrainConfig, check_values, default
 
 # 2: image files decode by the one policy of images.py (centre crop + Lanczos, not a squash).
 CACHE_VERSION = 2
@@ -355,22 +355,22 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data",
-        batch_size: int = 64,
-        val_size: int = 5000,
-        split_seed: int = 0,
-        limit_train_images: int | None = None,
-        augment: str = "none",
+        data_dir: str = default("data_dir"),
+        batch_size: int = default("batch_size"),
+        val_size: int = default("val_size"),
+        split_seed: int = default("split_seed"),
+        limit_train_images: int | None = default("limit_train_images"),
+        augment: str = default("augment"),
         augment_options: dict[str, float] | None = None,
-        source: str = "auto",
-        num_workers: int = 0,
+        source: str = default("data_source"),
+        num_workers: int = default("num_workers"),
         eval_batch_size: int = 500,
-        download: bool = True,
+        download: bool = default("download"),
         cache_dir: str | None = None,
-        shuffle_seed: int = 0,
+        shuffle_seed: int = default("seed"),
         calib_size: int = 0,
-        alternate_flip: bool = False,
-        robust_from: float = 0.0,
+        alternate_flip: bool = default("alternate_flip"),
+        robust_from: float = default("robust_from"),
     ) -> None:
         super().__init__()
         # The recipe owns the bounds: a data module built by hand (not from_config) is held to the same.

@@ -29,12 +29,12 @@ class DataError(UserError):
     """A data problem: missing dir, unreadable image, failed download."""
 
 
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used: missing, unreadable, unsafe or of another model."""
-
-
 class ModelError(UserError):
     """A model file that cannot be used: missing, corrupt, unsafe, or of another kind."""
+
+
+class CheckpointError(ModelError):
+    """A checkpoint (one kind of model file) that cannot be used: missing, unreadable, unsafe or of another model."""
 
 
 class ImageError(UserError):

@@ -20,18 +20,20 @@ import torch
 
 from cifar_lightning import bundled, report
 from cifar_lightning import corruptions as corruption
-from cifar_lightning.calibration import ece
+from cifar_lightning.calibration import accuracy, ece
 from cifar_lightning.data import CIFAR10DataModule
+from cifar_lightning.devices import device_for
 from cifar_lightning.errors import ConfigError, DataError, shown_names
 from cifar_lightning.fileio import atomic_dir, claim_free_dir, refuse_overlap, sha256_of
-from cifar_lightning.inference import Classifier, device_for, load_classifier
+from cifar_lightning.inference import Classifier, load_classifier
+from cifar_lightning.recipes import MAX_SEED
 from cifar_lightning.runs import recorded_data_dir, run_dir_of, saved_run_config
 
 
 def source_checkpoint(model_path: Path, clf: Classifier) -> Path:
     """The checkpoint a model file came from: itself, or the one its export metadata names."""
     src = clf.info.get("source_checkpoint")
-    return Path(src) if isinstance(src, str) and model_path.suffix.lower() != ".ckpt" else model_path
+    return Path(src) if isinstance(src, str) and clf.info.get("kind") != "checkpoint" else model_path
 
 
 def report_dir(model_path: Path, run_dir: Path | None, out: str | None, overwrite: bool) -> Path:
@@ -40,6 +42,8 @@ def report_dir(model_path: Path, run_dir: Path | None, out: str | None, overwrit
     default is claimed at once, so two evaluations never write the same folder)."""
     if out:
         path = Path(out)
+        if path.is_symlink():
+            raise ConfigError(f"--out {path}: a symbolic link; give the folder it points to ({Path(out).resolve()}) or another path")
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--out {path}: exists and is not a folder")
         if path.exists() and any(path.iterdir()) and not overwrite:
@@ -60,7 +64,7 @@ def default_report_base(model_path: Path, run_dir: Path | None) -> Path:
 
 def corruption_names(spec: str | None) -> list[str]:
     """--corruptions all | a comma-separated list of names -> the names (ConfigError if unknown)."""
-    if not spec:
+    if spec is None:
         return []
     known = corruption.CORRUPTIONS
     names = list(known) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
@@ -81,7 +85,7 @@ def score_corruptions(clf: Classifier, images: torch.Tensor, labels: torch.Tenso
         probs = clf.probabilities(corruption.corrupt(images, name, severity, seed), batch_size)
         row = {
             "severity": severity, "label": corruption.severity_label(name, severity),
-            "accuracy": float((probs.argmax(1) == labels).float().mean()), "ece": ece(probs, labels),
+            "accuracy": accuracy(probs, labels), "ece": ece(probs, labels),
         }  # fmt: skip
         results.setdefault(name, []).append(row)
         print(f"  {name} {row['label']}: accuracy {row['accuracy']:.4f}, ECE {row['ece']:.4f} "
@@ -95,9 +99,11 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     """Classify every image of the split with the model file and write the report. Returns
     (report folder, metrics). ``calibrate=False`` scores the raw probabilities; ``corruptions``
     ('all' or names, comma-separated) also scores corrupted copies of the split (``corruptions.py``)."""
-    model_path = bundled.resolve(model)  # pretrained:NAME -> the bundled file
     names = corruption_names(corruptions)
-    clf = load_classifier(model_path, device=device, calibrate=calibrate)  # refuses unsafe or foreign files before anything else
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed {str(seed)[:30]}: must be an integer from 0 to {MAX_SEED}")
+    clf = load_classifier(model, device=device, calibrate=calibrate)  # refuses unsafe or foreign files before anything else
+    model_path = Path(clf.source)  # pretrained:NAME -> the bundled file
     source = source_checkpoint(model_path, clf)
     run_cfg = saved_run_config(source)
     run_dir = run_dir_of(source) if run_cfg else None
@@ -105,6 +111,7 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
         raise ConfigError(f"--split val: {model_path} does not lead to its training run (config.yaml), so its validation split is unknown")
     data_dir = recorded_data_dir(source, data_dir) or "data"
     if out:
+        report_dir(model_path, run_dir, out, overwrite)  # a bad --out is refused before the work, not after it
         refuse_overlap(Path(out), {"model file": model_path, "source checkpoint": source, "training run": run_dir,
                                    "data dir": Path(data_dir)}, inside={"data dir": Path(data_dir)})  # fmt: skip
     else:  # the default folder, beside a model file kept inside the data, would add its PNGs to the data

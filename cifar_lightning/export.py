@@ -1,14 +1,16 @@
-"""Checkpoint -> safetensors (+ JSON sidecar), ONNX or TorchScript, each checked after writing.
+"""Checkpoint -> safetensors, ONNX, a torch.export program (.pt2) or TorchScript, each with its
+JSON sidecar and checked after writing.
 
 An export carries everything needed to use the network without the training code's state: the
 network name and arguments, class names, normalisation, input size, its test-time augmentation,
 the test accuracy of exactly what was exported and the source checkpoint's SHA-256 (in the JSON
-sidecar written beside every format). ONNX and TorchScript graphs have the checkpoint's
+sidecar written beside every format). ONNX, .pt2 and TorchScript graphs have the checkpoint's
 test-time views built in (``--tta 0`` exports the plain network); the safetensors sidecar
-records the level and ``load_classifier`` applies it. Loading a safetensors or ONNX export
-never unpickles anything.
+records the level and ``load_classifier`` applies it. Each written file is read back through
+its own loader (``modelfile.KINDS``) and compared with the PyTorch network. TorchScript, which
+torch 2.14 deprecates, stays for C++ users; Python loads the .pt2.
 
-    cifar-export lightning_logs/version_0/checkpoints/last.ckpt --format onnx --out model.onnx
+    cifar-export lightning_logs/version_0/checkpoints/last.ckpt --format pt2 --out model.pt2
 
 Only exports bake the temperature into a graph (``Tempered``); everywhere else
 ``inference.Classifier`` applies it.
@@ -25,29 +27,27 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from cifar_lightning import models
+from cifar_lightning import bundled, models
 from cifar_lightning.calibration import apply_temperature
 from cifar_lightning.data import load_splits
-from cifar_lightning.errors import DataError, ExportError
-from cifar_lightning.fileio import atomic_write, atomic_write_text, new_file, refuse_overlap, sha256_of
+from cifar_lightning.errors import CheckpointError, DataError, ExportError, ModelError
+from cifar_lightning.fileio import atomic_write_files, new_file, refuse_overlap, sha256_of
 from cifar_lightning.images import IMAGE_SIZE, MEAN, STD, normalize
-from cifar_lightning.inference import OnnxNetwork, network_from_safetensors
+from cifar_lightning.modelfile import KINDS, SUFFIXES, kind_of
 from cifar_lightning.module import ImageClassifier
 from cifar_lightning.recipes import EXPORT_FORMATS as FORMATS
 from cifar_lightning.runs import SIDECAR_FORMAT, known_test_accuracy, recorded_data_dir, sidecar_path
-
-SUFFIXES = {"safetensors": (".safetensors",), "onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript")}
-MODEL_SUFFIXES = {".ckpt", ".pth", ".json", *(s for ss in SUFFIXES.values() for s in ss)}
 
 
 def export_path(out: Path, fmt: str) -> Path:
     """--out with the format's suffix: added when missing (model -> model.onnx); a suffix of
     another model format is refused, so a file never claims to be what it is not."""
-    if out.suffix.lower() in SUFFIXES[fmt]:
+    own = KINDS[fmt].suffixes
+    if out.suffix.lower() in own:
         return out
-    if out.suffix.lower() in MODEL_SUFFIXES:
-        raise ExportError(f"--out {out}: a {out.suffix} name for a {fmt} export; use {' or '.join(SUFFIXES[fmt])}")
-    return out.with_name(out.name + SUFFIXES[fmt][0])
+    if out.suffix.lower() in (*SUFFIXES, ".json"):
+        raise ExportError(f"--out {out}: a {out.suffix} name for a {fmt} export; use {' or '.join(own)}")
+    return out.with_name(out.name + own[0])
 
 
 class Tempered(torch.nn.Module):
@@ -124,16 +124,29 @@ def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_
     example = check_images[:2].contiguous()
     if fmt == "safetensors":
         tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+        limit = torch.finfo(torch.float16).max
+        big = next((k for k, v in tensors.items() if half and v.is_floating_point() and v.abs().max() > limit), None)
+        if big:
+            raise ExportError(f"--half: weight {big} of {ckpt_path} holds values beyond float16's range (+/-65504); export without --half")
         tensors = {k: v.half() if half and v.is_floating_point() else v for k, v in tensors.items()}
         data = safetensors_bytes(tensors, metadata={"format": "pt"})
     elif fmt == "onnx":
         data = _onnx_bytes(reference, example)
+    elif fmt == "pt2":
+        data = _pt2_bytes(reference, example)
     else:
         data = _torchscript_bytes(reference, example)
-    check = atomic_write(out, lambda p: p.write_bytes(data), lambda p: verify(p, fmt, meta, reference, check_images), replace=replace)
-    meta["check"] = check
-    atomic_write_text(sidecar_path(out), json.dumps(meta, indent=2))
-    return check
+    side = sidecar_path(out)
+
+    def check(temps: dict[Path, Path]) -> dict[str, Any]:
+        # The written file is read back as a user's load would read it, beside its written sidecar.
+        result = verify(temps[out], fmt, meta, reference, check_images)
+        meta["check"] = result
+        temps[side].write_text(json.dumps(meta, indent=2))
+        return result
+
+    side_text = json.dumps(meta, indent=2)
+    return atomic_write_files({out: lambda p: p.write_bytes(data), side: lambda p: p.write_text(side_text)}, check, replace=replace)
 
 
 def _torchscript_bytes(net: torch.nn.Module, example: torch.Tensor) -> bytes:
@@ -143,6 +156,17 @@ def _torchscript_bytes(net: torch.nn.Module, example: torch.Tensor) -> bytes:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
         torch.jit.save(torch.jit.trace(net, example), buf)
+    return buf.getvalue()
+
+
+def _pt2_bytes(net: torch.nn.Module, example: torch.Tensor) -> bytes:
+    """An ExportedProgram with a dynamic batch: the archive ``modelfile.pt2_problem`` accepts."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(net, (example,), dynamic_shapes={"x": {0: batch}})
+        buf = io.BytesIO()
+        torch.export.save(program, buf)
     return buf.getvalue()
 
 
@@ -156,18 +180,27 @@ def _onnx_bytes(net: torch.nn.Module, example: torch.Tensor) -> bytes:
 
 
 def verify(path: Path, fmt: str, meta: dict, reference: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
-    """Max |logit difference| and top-1 agreement between the written file and the network."""
+    """Max |logit difference| and top-1 agreement between the written file, loaded by its kind's
+    own loader (TorchScript's: torch.jit, this project's own file) beside its sidecar, and the network."""
+    side = sidecar_path(path)
+    side.write_text(json.dumps(meta))
+    try:
+        with torch.inference_mode():
+            expected = reference(images)
+        return _compare(expected, _logits_of(path, fmt, meta, images), half=meta.get("weights_dtype") == "float16")
+    finally:
+        side.unlink(missing_ok=True)
+
+
+def _logits_of(path: Path, fmt: str, meta: dict, images: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
-        expected = reference(images)
-        if fmt == "onnx":
-            got = OnnxNetwork(path)(images)
-        elif fmt == "torchscript":
+        if fmt == "torchscript":
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
-                got = torch.jit.load(str(path), map_location="cpu")(images)
-        else:
-            got = models.with_tta(network_from_safetensors(path, meta), meta["tta"])(images)  # raw logits
-    return _compare(expected, got, half=meta.get("weights_dtype") == "float16")
+                warnings.simplefilter("ignore")
+                return torch.jit.load(str(path), map_location="cpu")(images)
+        net, _ = KINDS[fmt].loader(path, None)
+        net = models.with_tta(net, meta["tta"]) if KINDS[fmt].weights else net
+        return net(images)  # raw logits for weights; a graph's, with what it bakes in
 
 
 def _compare(expected: torch.Tensor, got: torch.Tensor, half: bool = False) -> dict[str, Any]:
@@ -205,7 +238,7 @@ def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite:
                    data_dir: str | None = None, n_check: int = 256, random_check: bool = False, calibrate: bool = True,
                    download: bool = True, half: bool = False) -> None:  # fmt: skip
     """cifar-export: refuse an --out over the checkpoint, export, check, and say what it wrote."""
-    ckpt_path = Path(checkpoint)
+    ckpt_path = source_checkpoint(checkpoint)
     module = ImageClassifier.from_checkpoint(ckpt_path)
     target = export_path(Path(out), fmt)
     try:
@@ -213,8 +246,9 @@ def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite:
     except DataError:  # gone: check_images says so below, or --random-check does without it
         data = None
     for path in (target, sidecar_path(target)):
-        refuse_overlap(path, {"checkpoint": ckpt_path}, inside={"data dir": Path(data) if data else None})
-    target = new_file(target, overwrite)
+        refuse_overlap(path, {"checkpoint": ckpt_path, "bundled models": bundled.folder()},
+                       inside={"data dir": Path(data) if data else None})  # fmt: skip
+    target = new_file(target, overwrite, sidecar_path(target))
     images, where = check_images(ckpt_path, data_dir, n_check, download, random_check)
     check = export(module, ckpt_path, fmt, target, images, tta=tta, calibrate=calibrate, replace=overwrite, half=half)
     print(f"wrote {target} and {target.name}.json (test-time views: {module.hparams.tta if tta is None else tta})")
@@ -223,3 +257,21 @@ def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite:
         f"(limit {HALF_LIMITS['max_abs_logit_diff'] if half else 1e-4:g}), "
         f"same top-1 on {check['same_top1']}/{check['images']}"
     )
+
+
+def source_checkpoint(spec: str | Path) -> Path:
+    """The training checkpoint an export starts from; a model file of another kind (a bundled
+    model, an export) is refused with what can be done instead."""
+    if bundled.is_bundled(spec):
+        raise ExportError(f"{spec}: a bundled model is already an export (float16 safetensors, {bundled.resolve(spec)}); "
+                          "cifar-export reads a training checkpoint (.ckpt); load the bundled one with load_classifier")  # fmt: skip
+    path = Path(spec)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        kind = kind_of(path)
+    except ModelError:
+        kind = KINDS["checkpoint"]  # the checkpoint reader says what is wrong with it
+    if kind.name != "checkpoint":
+        raise ExportError(f"{path}: a {kind.name} export, not a training checkpoint; export from the .ckpt that cifar-train wrote")
+    return path

@@ -55,14 +55,49 @@ def atomic_write(
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         result = check(tmp) if check else None
-        os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it: some writers use 0600 temp files
-        if replace:
-            os.replace(tmp, path)
-        else:
-            _rename_no_replace(tmp, path)
+        _move_into_place(tmp, path, replace)
         return result
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _move_into_place(tmp: Path, path: Path, replace: bool) -> None:
+    # The mode of the file replaced (a user's chmod 600 stays), else as open() would make it:
+    # some writers make 0600 temp files.
+    try:
+        mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
+    except OSError:
+        mode = 0o666 & ~_umask()
+    os.chmod(tmp, mode)
+    if replace:
+        os.replace(tmp, path)
+    else:
+        _rename_no_replace(tmp, path)
+
+
+def atomic_write_files(writes: dict[Path, Callable[[Path], None]], check: Callable[[dict[Path, Path]], T], replace: bool = True) -> T:
+    """Several files that belong together (an export and its sidecar): all written to temp
+    siblings and checked (``check`` gets target -> temp) before any takes its place, so they
+    appear together; a file this call created is removed again if a later one cannot follow."""
+    temps = {path: temp_sibling(path) for path in writes}
+    placed: list[Path] = []
+    try:
+        for path, write in writes.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(temps[path])
+        result = check(temps)
+        for path, tmp in temps.items():
+            existed = path.exists()
+            _move_into_place(tmp, path, replace)
+            if not existed:
+                placed.append(path)
+        placed.clear()
+        return result
+    finally:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
 
 
 def _rename_no_replace(tmp: Path, path: Path) -> None:
@@ -177,15 +212,19 @@ def refuse_overlap(out: Path, inputs: dict[str, Path | None], inside: dict[str, 
             if target == p or target in p.parents or _same_file(out, path):
                 raise ConfigError(f"{flag} {out}: would overwrite the {what} {path}; choose another path")
     for what, path in (inside or {}).items():
-        if path is not None and _real(path) in target.parents:
+        if path is not None and (_real(path) in target.parents or _real(path) == target):
             raise ConfigError(f"{flag} {out}: lies inside the {what} {path}; choose a path outside it")
 
 
-def new_file(path: str | Path, overwrite: bool) -> Path:
-    """An output file that may be written: a user's earlier result is replaced only when asked."""
+def new_file(path: str | Path, overwrite: bool, *companions: Path) -> Path:
+    """An output file that may be written, with the files written beside it (a sidecar): a
+    user's earlier file at any of them is replaced only when asked, and a folder never."""
     out = Path(path)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"--out {out}: exists; pass --overwrite or choose another path")
+    for p in (out, *companions):
+        if p.is_dir() or p.is_symlink() and not p.exists():
+            raise ConfigError(f"--out {out}: {p} is a folder or a broken link, where a file would be written; choose another path")
+        if p.exists() and not overwrite:
+            raise ConfigError(f"--out {out}: {'it' if p == out else p.name} exists; pass --overwrite or choose another path")
     return out
 
 

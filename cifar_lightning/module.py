@@ -17,12 +17,12 @@ import torch.nn.functional as F
 import torchmetrics
 
 from cifar_lightning import models
-from cifar_lightning.calibration import apply_temperature, ece_metric
+from cifar_lightning.calibration import apply_temperature
 from cifar_lightning.checkpoint import check_spec, load_checkpoint, state_dict_mismatch
 from cifar_lightning.errors import CheckpointError, ConfigError
 from cifar_lightning.images import normalize
 from cifar_lightning.optim import MuonSGD
-from cifar_lightning.recipes import TrainConfig, check_values
+from cifar_lightning.recipes import TrainConfig, check_values, default
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,23 +39,23 @@ class ImageClassifier(L.LightningModule):
 
     def __init__(
         self,
-        model: str = "seed",
+        model: str = default("model"),
         num_classes: int = 10,
-        lr: float = 1e-3,
-        optimizer: str = "adam",
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        schedule: str = "none",
-        label_smoothing: float = 0.0,
+        lr: float = default("lr"),
+        optimizer: str = default("optimizer"),
+        weight_decay: float = default("weight_decay"),
+        momentum: float = default("momentum"),
+        schedule: str = default("schedule"),
+        label_smoothing: float = default("label_smoothing"),
         model_args: dict | None = None,
         class_names: list[str] | None = None,
-        norm_bias_lr_scale: float = 1.0,
-        whiten_bias_epochs: int = 0,
-        warmup_fraction: float = 0.2,
-        tta: int = 0,
+        norm_bias_lr_scale: float = default("norm_bias_lr_scale"),
+        whiten_bias_epochs: int = default("whiten_bias_epochs"),
+        warmup_fraction: float = default("warmup_fraction"),
+        tta: int = default("tta"),
         whitening_images: int = 5000,
-        muon_lr: float = 0.24,
-        muon_momentum: float = 0.6,
+        muon_lr: float = default("muon_lr"),
+        muon_momentum: float = default("muon_momentum"),
     ) -> None:
         super().__init__()
         # The recipe owns the bounds: a module built by hand (not from_config) is held to the same.
@@ -68,14 +68,9 @@ class ImageClassifier(L.LightningModule):
         metric = torchmetrics.classification.MulticlassAccuracy
         self.train_acc = metric(num_classes, average="micro")
         self.val_acc = metric(num_classes, average="micro")
-        self.test_acc = metric(num_classes, average="micro")
-        # Mean losses weighted by images, synced as sums: under DDP with uneven shards the
+        # The mean loss weighted by images, synced as a sum: under DDP with uneven shards the
         # epoch value still equals the single-process one (a mean of per-process means would not).
         self.val_loss = torchmetrics.MeanMetric()
-        self.test_loss = torchmetrics.MeanMetric()
-        # The test reports calibration both ways: with the fitted temperature and without it.
-        self.test_ece = ece_metric(num_classes)
-        self.test_ece_raw = ece_metric(num_classes)
         #: the fitted softmax temperature and its figures (``calibration.py``); None until fitted
         self.calibration: dict | None = None
 
@@ -178,34 +173,16 @@ class ImageClassifier(L.LightningModule):
         self.log("train_acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
-        if stage == "test":
-            # The final test runs in float32 even in a mixed-precision run: it must score the
-            # model users take away, which every export and inference path runs in float32.
-            with torch.autocast(x.device.type, enabled=False):
-                raw = self.tta_logits(x).float()
-            logits = apply_temperature(raw, self.temperature)
-            self.test_ece_raw(raw.softmax(-1), y)
-            self.test_ece(logits.softmax(-1), y)
-            self.log("test_ece", self.test_ece)
-            self.log("test_ece_uncalibrated", self.test_ece_raw)
-        else:
-            logits = self(x)
-        # Plain CE, comparable across label-smoothing settings (the test's: with the temperature).
-        loss = F.cross_entropy(logits, y)
-        acc, mean_loss = (self.val_acc, self.val_loss) if stage == "val" else (self.test_acc, self.test_loss)
-        acc(logits, y)
-        mean_loss.update(loss, weight=len(y))
-        self.log(f"{stage}_loss", mean_loss, prog_bar=True)
-        self.log(f"{stage}_acc", acc, prog_bar=True)
-        return logits.detach()  # callbacks (e.g. TensorBoardImages) read predictions from here
-
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "test")
+        """The validation figures that choose the best checkpoint; the final test is scored by
+        the one scoring path (``inference.Classifier.score``), not here."""
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.val_loss.update(F.cross_entropy(logits, y), weight=len(y))  # plain CE, comparable across label smoothing
+        self.log("val_loss", self.val_loss, prog_bar=True)
+        self.log("val_acc", self.val_acc, prog_bar=True)
+        return logits.detach()  # callbacks (e.g. TensorBoardImages) read predictions from here
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -39,7 +39,7 @@ CALIBRATIONS = ("auto", "heldout", "val", "none")
 PRECISIONS = ("auto", "64-true", "64", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 DATA_SOURCES = ("auto", "imagefolder", "cifar10")
-EXPORT_FORMATS = ("safetensors", "onnx", "torchscript")
+EXPORT_FORMATS = ("safetensors", "onnx", "pt2", "torchscript")
 # Defaults of --augment seed, chosen by refitting the 20-epoch seed model for 10 epochs on the
 # full data with each setting (docs/BENCHMARKS.md, "Choosing the --augment seed ranges"): shift
 # + flip helped most; zoom, rotation and brightness stay available: set a range to turn them on.
@@ -249,6 +249,12 @@ SECTIONS = {
     "runs and checkpoints": ("log_dir", "log_images_every", "checkpoint_every_steps", "resume", "init_from"),
 }  # fmt: skip
 WHY = {name: f.description or "" for name, f in FIELDS.items()}
+
+
+def default(name: str) -> Any:
+    """An option's default, for a constructor's signature: the value lives here alone, and the
+    Lightning module and data module built by hand from Python get the same."""
+    return FIELDS[name].default
 
 
 def flag(name: str) -> str:

@@ -36,11 +36,9 @@ from torchmetrics.classification import (  # noqa: E402
     MulticlassRecall,
 )
 
-from cifar_lightning.augment import BatchAugment  # noqa: E402
 from cifar_lightning.calibration import N_BINS, ece  # noqa: E402
-from cifar_lightning.data import load_splits  # noqa: E402
-from cifar_lightning.errors import ConfigError, printable  # noqa: E402
-from cifar_lightning.fileio import atomic_write, new_file, refuse_overlap  # noqa: E402
+from cifar_lightning.errors import printable  # noqa: E402
+from cifar_lightning.fileio import atomic_write  # noqa: E402
 
 GOOD, BAD = "#1a7f37", "#cf222e"  # green for right, red for wrong
 #: longer user texts (class names are folder names, up to 255 bytes) are shortened in figures
@@ -328,31 +326,6 @@ def data_grid_figure(
     fig.suptitle("CIFAR-10 training images" + (" and random augmentations" if augment else ""), fontsize=13)
     fig.tight_layout()
     return fig
-
-
-def data_grid_of(data_dir: str, augment: str = "none", ranges: dict[str, float] | None = None, per_class: int = 8,
-                 n_augmented: int = 5, seed: int = 0, download: bool = True) -> Figure:  # fmt: skip
-    """cifar-show-data: the training images of a data dir, augmented with the named recipe."""
-    try:
-        augmenter = BatchAugment(augment, **(ranges or {})) if augment != "none" else None
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    train = load_splits(data_dir, download=download)["train"]
-    torch.manual_seed(seed)
-    return data_grid_figure(train.images, train.labels, list(train.classes), per_class, augmenter, n_augmented)
-
-
-def show_data_command(data_dir: str, augment: str = "none", ranges: dict[str, float] | None = None, per_class: int = 8,
-                      n_augmented: int = 5, seed: int = 0, out: str | None = None, overwrite: bool = False,
-                      download: bool = True) -> Path:  # fmt: skip
-    """cifar-show-data: the grid, written to --out (never over or into the data it shows)."""
-    target = Path(out or ("data_grid.png" if augment == "none" else f"data_grid_{augment}.png"))
-    refuse_overlap(target, {"data dir": Path(data_dir)}, inside={"data dir": Path(data_dir)})
-    target = new_file(target, overwrite)
-    fig = data_grid_of(data_dir, augment, ranges, per_class, n_augmented, seed, download)
-    save_figure(fig, target, replace=overwrite)  # a full disk: errors.exit_status says so (exit 1)
-    print(printable(target))
-    return target
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 100, replace: bool = True) -> None:

@@ -40,10 +40,11 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cifar_lightning import bundled
+from cifar_lightning.devices import device_for
 from cifar_lightning.errors import ConfigError, ImageError, ImageTooLargeError, ModelError, NotAnImageError
 from cifar_lightning.fileio import sha256_of
 from cifar_lightning.images import IMAGE_SIZE, decode
-from cifar_lightning.inference import device_for, load_classifier
+from cifar_lightning.inference import load_classifier
 from cifar_lightning.runs import known_test_accuracy
 
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -202,9 +203,9 @@ class ClassifierAPI(ls.LitAPI):
         self.model_path, self.accelerator, self.calibrate = model, accelerator, calibrate
 
     def setup(self, device: str) -> None:
-        device = device if self.model_path.endswith((".ckpt", ".safetensors")) else "cpu"
+        # Each kind runs where it can (modelfile.Kind.device): a graph export on the CPU, weights on the GPU.
         self.clf = load_classifier(self.model_path, device=device, calibrate=self.calibrate)
-        self.name = str(self.clf.info.get("model") or Path(self.model_path).stem)
+        self.name = self.clf.info["name"]  # as the page, /info and cifar-predict name it
 
     def decode_request(self, request: dict) -> dict:
         return request  # checked and decoded by CheckUploads in the HTTP process
@@ -259,7 +260,8 @@ def model_info(model: str | Path, clf: Any) -> dict[str, Any]:
     if accuracy is None and path.suffix.lower() == ".ckpt":
         accuracy = known_test_accuracy(path)
     return {
-        "model": str(info.get("model") or path.stem),
+        "model": info["name"],
+        "network": str(info.get("model") or path.stem),
         "file": str(model) if bundled.is_bundled(model) else path.name,
         "sha256": sha256_of(path),
         "classes": list(clf.class_names),
@@ -342,7 +344,7 @@ def serve_command(model: str | None, host: str = "127.0.0.1", port: int = 8000, 
                   calibrate: bool = True) -> None:  # fmt: skip
     """cifar-serve: build the server, then serve until Ctrl-C or SIGTERM (which stop the workers too).
     Without a model, the bundled default (``bundled.default_name``)."""
-    model = model or bundled.PREFIX + bundled.default_name()
+    model = bundled.PREFIX + bundled.default_name() if model is None else model
     if not (0 <= batch_timeout < 60 and 0 < max_upload_mb <= 1024):
         raise ConfigError("--batch-timeout or --max-upload-mb out of range")
     listen_host = listen_address(host, port)  # before the model loads: a taken port fails at once

@@ -32,13 +32,23 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cifar_lightning import bundled, calibration, runs
+from cifar_lightning import calibration, runs
 from cifar_lightning.callbacks import EpochReport, Lookahead, RunEstimate, StepCheckpoint, StopOnSignal, TensorBoardImages
 from cifar_lightning.checkpoint import checkpoint_bytes, load_checkpoint, non_finite_tensor
 from cifar_lightning.data import CIFAR10DataModule
-from cifar_lightning.errors import ConfigError, RunInterruptedError, TrainingFailedError, shown_names, sigterm_raises
+from cifar_lightning.devices import device_for, resolve_precision
+from cifar_lightning.errors import (
+    CheckpointError,
+    ConfigError,
+    ModelError,
+    RunInterruptedError,
+    TrainingFailedError,
+    shown_names,
+    sigterm_raises,
+)
 from cifar_lightning.fileio import atomic_write_bytes, atomic_write_text, is_temp_sibling, refuse_overlap
-from cifar_lightning.inference import Classifier, checkpoint_classifier, device_for, load_classifier, network_from_safetensors, read_sidecar
+from cifar_lightning.inference import Classifier, checkpoint_classifier, load_classifier
+from cifar_lightning.modelfile import open_model
 from cifar_lightning.models import MODELS
 from cifar_lightning.module import ImageClassifier, NonFiniteLossError
 from cifar_lightning.recipes import FIELDS, TrainConfig, parse_max_time, read_yaml
@@ -64,21 +74,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             atomic_write_bytes(path, checkpoint_bytes(checkpoint), fsync=True)
         except OSError as e:
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """'auto': bf16-mixed where the hardware computes in bf16 natively (CPUs with AVX512-BF16 or
-    AMX, where it trains the fast network about twice as fast as fp32; Ampere or newer GPUs),
-    else 32-true. Emulated bf16 would be slower than fp32."""
-    if precision != "auto":
-        return precision
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if on_gpu:
-        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
-    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
-        return "32-true"
-    # torch has no public query for native CPU bf16; this one has been stable since torch 1.12.
-    return "bf16-mixed" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
 
 
 def keep_freed_memory() -> None:
@@ -228,17 +223,17 @@ def check_resume_agrees(cfg: TrainConfig, classes: list[str], module: ImageClass
 
 def load_init_weights(module: ImageClassifier, cfg: TrainConfig) -> None:
     """--init-from: the network's weights from another run (a refit) or from a safetensors
-    export such as ``pretrained:94`` (a fine-tune, e.g. ``--preset photo``), nothing of its state.
-    A float16 export is widened to the module's float32."""
-    path = bundled.resolve(cfg.init_from)
-    if path.suffix == ".safetensors":
-        meta = read_sidecar(path, required=True)
-        kind = meta.get("model")
-        state = network_from_safetensors(path, meta).state_dict()
-    else:
-        src = load_checkpoint(path)
-        kind = src["hyper_parameters"]["model"]
-        state = {k[4:]: v for k, v in src["state_dict"].items() if k.startswith("net.")}
+    export such as ``pretrained:94`` (a fine-tune, e.g. ``--preset photo``), nothing of its state:
+    any weights file ``modelfile.open_model`` reads and checks. A float16 export is widened to
+    the module's float32."""
+    try:
+        source = open_model(cfg.init_from)
+    except (ModelError, CheckpointError) as e:
+        raise ConfigError(f"--init-from: {e}") from None
+    if source.weights is None:
+        raise ConfigError(f"--init-from {cfg.init_from}: a {source.kind.name} graph holds no weights to start from; "
+                          "give a checkpoint, a .safetensors export or pretrained:NAME")  # fmt: skip
+    kind, state = source.meta.get("model"), source.weights
     if kind != cfg.model:
         raise ConfigError(f"--init-from {cfg.init_from}: a {kind!r} network cannot initialise --model {cfg.model!r}")
     own = module.net.state_dict()
@@ -343,7 +338,22 @@ def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, che
     with sigterm_raises():  # fit is over: a SIGTERM now stops at once, and the atomic writes clean up
         if calibrate != "none":
             calibrate_checkpoints(trainer, dm, [tested, checkpoints.last_good()], calibrate)
-        return trainer.test(start.module, datamodule=dm, ckpt_path=tested, verbose=False)[0], tested
+        return test_checkpoint(trainer, dm, tested), tested
+
+
+def test_checkpoint(trainer: L.Trainer, dm: CIFAR10DataModule, tested: str) -> dict[str, float]:
+    """Step 4c: the tested checkpoint on the official test set through the one scoring path
+    (``Classifier.score``, batches of 500 as ``cifar-evaluate`` runs them), so results.json's
+    test_acc is cifar-evaluate's on the same checkpoint, to the image."""
+    dm.setup("test")
+    clf = load_classifier(tested, device=str(trainer.strategy.root_device))
+    scored = clf.score(dm.test_set.images, dm.test_set.labels, batch_size=500)
+    trainer.lightning_module.calibration = clf.info.get("calibration")
+    for callback in trainer.callbacks:
+        if isinstance(callback, TensorBoardImages):
+            callback.log_final(trainer, dm.test_set.images, dm.test_set.labels, scored["probs"])
+    return {"test_acc": scored["accuracy"], "test_loss": scored["loss"], "test_ece": scored["ece"],
+            "test_ece_uncalibrated": scored["ece_uncalibrated"]}  # fmt: skip
 
 
 def calibrate_checkpoints(trainer: L.Trainer, dm: CIFAR10DataModule, paths: list[str], split: str) -> None:

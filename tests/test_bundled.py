@@ -35,7 +35,9 @@ def fake_bundle(tmp_path_factory: pytest.TempPathFactory, seed_run_once, monkeyp
     weights.mkdir()
     out = weights / "tiny.safetensors"
     assert call(export_main, [str(run / "checkpoints" / "last.ckpt"), "--format", "safetensors", "--half", "--out", str(out)]) == 0
-    (weights / "index.json").write_text(json.dumps({"tiny": {"file": out.name, "sha256": sha256_of(out), "test_acc": 0.5}}))
+    record = {"file": out.name, "sha256": sha256_of(out), "size_bytes": out.stat().st_size,
+              "sidecar_sha256": sha256_of(runs.sidecar_path(out)), "test_acc": 0.5}  # fmt: skip
+    (weights / "index.json").write_text(json.dumps({"tiny": record}))
     monkeypatch.setattr(bundled, "folder", lambda: weights)
     monkeypatch.setattr(bundled, "DEFAULT_ORDER", ("photo", "tiny"))
     return {"tree": tree, "run": run, "file": out, "weights": weights}
@@ -46,6 +48,27 @@ def test_a_bundled_model_loads_by_name_and_predicts_as_its_file_does(fake_bundle
     by_name, by_file = load_classifier("pretrained:tiny"), load_classifier(fake_bundle["file"])
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     assert torch.equal(by_name.probabilities(images), by_file.probabilities(images))
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("change", ["zeroed-weights", "sidecar-temperature", "wrong-record"])
+def test_a_changed_bundled_file_is_refused_at_load_saying_reinstall(fake_bundle, change: str, capsys) -> None:
+    out, side = fake_bundle["file"], runs.sidecar_path(fake_bundle["file"])
+    if change == "zeroed-weights":  # the same size, other bytes: what a damaged copy looks like
+        data = bytearray(out.read_bytes())
+        data[-4096:] = bytes(4096)
+        out.write_bytes(bytes(data))
+    elif change == "sidecar-temperature":
+        side.write_text(json.dumps({**json.loads(side.read_text()), "temperature": 50.0}))
+    else:
+        index = fake_bundle["weights"] / "index.json"
+        index.write_text(json.dumps({"tiny": {**json.loads(index.read_text())["tiny"], "sha256": "0" * 64}}))
+    with pytest.raises(ModelError, match="reinstall cifar-lightning"):
+        load_classifier("pretrained:tiny")
+    images = sorted((fake_bundle["tree"] / "test" / "cat").iterdir())[:1]
+    assert call(predict_main, ["pretrained:tiny", str(images[0])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reinstall" in err[0]
 
 
 @pytest.mark.train

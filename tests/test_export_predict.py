@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import call, copy_of_seed_run, write_malicious_checkpoint
+from conftest import MaliciousPayload, call, copy_of_seed_run, write_malicious_checkpoint
 from PIL import Image
 
 from cifar_lightning import load_classifier
@@ -27,7 +27,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, seed_run_once: tuple[Path,
     tree, run_dir = copy_of_seed_run(seed_run_once, root)
     (ckpt,) = (run_dir / "checkpoints").glob("best-*.ckpt")
     paths = {"tree": tree, "ckpt": ckpt, "root": root, "run": run_dir}
-    for fmt in ("safetensors", "onnx", "torchscript"):
+    for fmt in ("safetensors", "onnx", "pt2", "torchscript"):
         paths[fmt] = root / f"model.{fmt}"
         assert call(export_main, [str(ckpt), "--format", fmt, "--out", str(paths[fmt])]) == 0
     return paths
@@ -40,7 +40,7 @@ def sample_images(tree: Path) -> list[Path]:
 def test_every_export_predicts_what_the_checkpoint_predicts(trained) -> None:
     files = sample_images(trained["tree"])
     ref_classes, ref = load_classifier(trained["ckpt"]).predict(files)
-    for fmt in ("safetensors", "onnx"):
+    for fmt in ("safetensors", "onnx", "pt2"):
         classes, probs = load_classifier(trained[fmt]).predict(files)
         assert classes == ref_classes and torch.allclose(probs, ref, atol=1e-5), fmt
     scripted = torch.jit.load(str(trained["torchscript"]))
@@ -213,3 +213,92 @@ def test_export_never_replaces_an_existing_file_without_overwrite(trained, capsy
     before = trained["onnx"].read_bytes()
     assert call(export_main, [str(trained["ckpt"]), "--format", "onnx", "--out", str(trained["onnx"])]) == 2
     assert "--overwrite" in capsys.readouterr().err and trained["onnx"].read_bytes() == before
+
+
+def _rewritten_pt2(src: Path, dest: Path, change) -> Path:  # noqa: ANN001
+    """A copy of a .pt2 archive with one entry changed by ``change(name, data) -> data``, beside its sidecar."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for item in zin.infolist():
+            zout.writestr(item, change(item.filename, zin.read(item.filename)))
+    (dest.parent / (dest.name + ".json")).write_text((src.parent / (src.name + ".json")).read_text())
+    return dest
+
+
+@pytest.mark.parametrize("entry", ["sample_inputs", "pickled_weight", "operator", "expression"])
+def test_a_crafted_pt2_runs_no_code_and_is_refused_in_one_line(trained, tmp_path: Path, capsys, entry: str) -> None:
+    import io
+    import pickle
+
+    marker = tmp_path / "ran"
+    payload = io.BytesIO()
+    torch.save({"x": MaliciousPayload(marker)}, payload)
+
+    def change(name: str, data: bytes) -> bytes:
+        if entry == "sample_inputs" and name.endswith("sample_inputs/model.pt"):
+            return payload.getvalue()
+        if entry == "pickled_weight" and name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            first = next(iter(config["config"]))
+            config["config"][first]["use_pickle"] = True
+            return json.dumps(config).encode()
+        if entry == "operator" and name.endswith("models/model.json"):
+            return data.replace(b"torch.ops.aten.relu_.default", b"builtins.exec", 1)
+        if entry == "expression" and name.endswith("models/model.json"):
+            program = json.loads(data)
+            program["range_constraints"] = {"__import__('os').system('touch " + str(marker) + "')": {"min_val": 1, "max_val": 2}}
+            return json.dumps(program).encode()
+        return data
+
+    crafted = _rewritten_pt2(trained["pt2"], tmp_path / "crafted.pt2", change)
+    assert pickle.dumps is not None  # (pickle made the payload above)
+    with pytest.raises(ModelError, match="refused: not a .pt2 written by cifar-export"):
+        load_classifier(crafted)
+    image = sample_images(trained["tree"])[0]
+    assert call(predict_main, [str(crafted), str(image)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refused" in err[0]
+    assert not marker.exists()
+
+
+def test_a_torchscript_export_is_named_and_refused_without_loading_it(trained, capsys) -> None:
+    image = sample_images(trained["tree"])[0]
+    assert call(predict_main, [str(trained["torchscript"]), str(image)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "TorchScript" in err and "Warning" not in err
+
+
+def test_export_never_replaces_a_users_file_at_the_sidecar_path(trained, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m.safetensors"
+    side = tmp_path / "m.safetensors.json"
+    side.write_text("my own notes")
+    assert call(export_main, [str(trained["ckpt"]), "--format", "safetensors", "--out", str(out)]) == 2
+    assert side.read_text() == "my own notes" and not out.exists()
+    assert "m.safetensors.json exists" in capsys.readouterr().err
+    side.unlink()
+    side.mkdir()  # a folder where the sidecar would go: refused before anything is written
+    assert call(export_main, [str(trained["ckpt"]), "--format", "safetensors", "--out", str(out)]) == 2
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_re_export_keeps_the_mode_of_the_file_it_replaces(trained, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    assert call(export_main, [str(trained["ckpt"]), "--format", "onnx", "--out", str(out)]) == 0
+    out.chmod(0o600)
+    assert call(export_main, [str(trained["ckpt"]), "--format", "onnx", "--out", str(out), "--overwrite"]) == 0
+    assert out.stat().st_mode & 0o777 == 0o600
+
+
+def test_export_of_a_bundled_model_or_an_export_says_what_is_possible(trained, capsys) -> None:
+    assert call(export_main, ["pretrained:94", "--format", "onnx", "--out", str(trained["root"] / "b.onnx")]) == 2
+    assert "already an export" in capsys.readouterr().err
+    assert call(export_main, [str(trained["onnx"]), "--format", "pt2", "--out", str(trained["root"] / "b.pt2")]) == 2
+    assert "not a training checkpoint" in capsys.readouterr().err
+
+
+def test_an_empty_model_argument_is_refused_not_the_current_folder(trained, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(trained["tree"])
+    image = sample_images(trained["tree"])[0]
+    assert call(predict_main, ["", str(image), "--json"]) == 2
+    assert "empty" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import torch
 from conftest import call, tiny_train_argv, write_imagefolder
 from PIL import Image
 
-from cifar_lightning import data, fileio, report
+from cifar_lightning import data, fileio, report, show_data
 from cifar_lightning.cli import train_main
 from cifar_lightning.errors import DataError, printable
 
@@ -294,9 +294,9 @@ def test_the_drawn_tick_labels_are_the_class_names_as_typed() -> None:
 def test_show_data_draws_class_folders_named_with_markup(tmp_path: Path, capsys) -> None:
     tree = tree_of(tmp_path / "tree", classes=("$$", "$x$", "^_", "a$b$c", "back\\slash"), n_train=2)
     out = tmp_path / "grid.png"
-    assert report.show_data_command(str(tree), out=str(out)) == out
+    assert show_data.show_data_command(str(tree), out=str(out)) == out
     with Image.open(out) as im:
         assert im.format == "PNG" and min(im.size) > 100
     out_aug = tmp_path / "grid_seed.png"
-    assert report.show_data_command(str(tree), augment="seed", out=str(out_aug)) == out_aug
+    assert show_data.show_data_command(str(tree), augment="seed", out=str(out_aug)) == out_aug
     assert out_aug.is_file()
