@@ -10,6 +10,7 @@ workers costs more than the seed network itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -248,6 +249,7 @@ def _read_cache(path: Path, fingerprint: str) -> dict[str, Images] | None:
             ok = (
                 images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
                 and labels.dtype == torch.long and len(labels) == len(images)
+                and (len(labels) == 0 or 0 <= int(labels.min()) and int(labels.max()) < len(blob["classes"]))
             )  # fmt: skip
             if not ok:
                 return None
@@ -298,9 +300,13 @@ def load_imagefolder(data_dir: Path, cache_dir: Path | None = None) -> dict[str,
 def download_cifar10(data_dir: Path) -> None:
     """torchvision's download into data_dir with its MD5 checks (nothing is fetched when the
     files are there and intact); one clear error offline."""
+    made = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # folders the download would create
     try:
         CIFAR10(str(data_dir), train=True, download=True)
     except Exception as e:  # URLError, HTTPError, socket timeouts, a bad checksum...
+        for folder in made:  # a mistyped --data-dir leaves no empty folder behind (nearest first)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise DataError(
             f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); "
             "with no network, point --data-dir at a local copy (an image-folder tree "

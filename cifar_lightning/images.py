@@ -65,6 +65,8 @@ def to_rgb32(image: Any) -> np.ndarray:
         im = Image.fromarray(np.clip(arr / peak * 255 + 0.5, 0, 255).astype(np.uint8), "L")
     elif im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageError("a floating-point image holding NaN or infinite pixels")
         im = Image.fromarray(np.clip(arr * (255 if arr.max() <= 1 else 1) + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode == "P":
         im = im.convert("RGBA")

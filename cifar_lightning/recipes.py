@@ -431,12 +431,20 @@ def build(given: dict[str, Any], saved: dict[str, Any] | None = None, refit_of: 
     the one of the run it starts from, else the one its model implies."""
     given = check_values(given)
     name = given.get("preset")
+    if saved and name and name != implied_preset(saved):
+        raise ConfigError(f"--preset {name}: a resumed run keeps its own recipe (preset {implied_preset(saved)}); "
+                          "start a new run with --init-from to train it as another preset")  # fmt: skip
     if not name and saved:
         name = implied_preset(saved)
     elif not name and refit_of is not None and "model" not in given:
         name = implied_preset(refit_of or {"model": given.get("model")})
     name = name or implied_preset({"model": given.get("model")})
     values = {**preset(name), "preset": name, **(saved or {}), **given}
+    if "augment" in given and values["augment"] != {**preset(name), **(saved or {})}.get("augment"):
+        # A preset's ranges belong to its augmentation: one that swaps it (photo's robust for
+        # standard) drops the ranges the new one has no use for (photo's jpeg_quality_min).
+        own = set(AUGMENT_DEFAULTS.get(values["augment"], {}))
+        values |= {k: None for k in AUGMENT_RANGES if k not in given and k not in own}
     if values.get("alternate_flip") and "alternate_flip" not in given and values.get("augment") not in ("standard", "robust"):
         # The preset's mirror schedule belongs to its crop+flip augmentation: a run that swaps the
         # augmentation (e.g. --augment none) drops it; asking for both is refused before the run.

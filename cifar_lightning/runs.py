@@ -130,6 +130,9 @@ def resolve_recipe(given: dict[str, Any]) -> TrainConfig:
         log_dir = Path(given.get("log_dir") or TrainConfig.model_fields["log_dir"].default)
         ckpt = find_last_checkpoint(log_dir) if given["resume"] == "last" else Path(given["resume"])
         saved = saved_run_config(ckpt)
+        if not saved and ckpt.is_file():
+            raise ConfigError(f"--resume {ckpt}: its run has no readable {CONFIG} (LOG_DIR/version_N/{CONFIG}), so the recipe it "
+                              "trains is unknown; resume inside the run's folder")  # fmt: skip
         given["resume"] = str(ckpt)
     init = given.get("init_from")
     refit_of = (bundled.recipe_of(init) if bundled.is_bundled(init) else saved_run_config(Path(init))) if init else None

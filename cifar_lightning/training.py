@@ -11,14 +11,17 @@ same path for Python (a notebook), raising the project's exceptions instead of e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -133,6 +136,9 @@ def check_before_start(cfg: TrainConfig) -> None:
         raise ConfigError(f"--alternate-flip needs --augment standard or robust (got {cfg.augment}); or add --no-alternate-flip")
     if cfg.robust_from and cfg.augment != "robust":
         raise ConfigError(f"--robust-from {cfg.robust_from}: delays the photo operations of --augment robust (got {cfg.augment})")
+    if cfg.robust_from and int(cfg.robust_from * cfg.epochs) == 0:
+        raise ConfigError(f"--robust-from {cfg.robust_from} of {cfg.epochs} epoch(s) leaves no whole epoch of crop and flip only; "
+                          f"use at least {1 / cfg.epochs:.3g}, or 0")  # fmt: skip
     if cfg.calibrate == "val" and cfg.val_size == 0:
         raise ConfigError("--calibrate val needs a validation split (--val-size > 0); use --calibrate heldout or auto")
     if cfg.strategy != "auto" and cfg.strategy not in StrategyRegistry.available_strategies():
@@ -329,6 +335,11 @@ def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, che
             hint = f"saved {stop.saved}; resume with: cifar-train --resume {stop.saved}"
             raise RunInterruptedError(f"stopped by {name} {where}; {hint}", code) from None
         raise RunInterruptedError(f"stopped by {name} {where}", code) from None
+    except SystemExit:  # Lightning's answer to a second Ctrl-C: its graceful shutdown, then sys.exit(1)
+        where = f"at epoch {trainer.current_epoch + 1}, step {trainer.global_step}"
+        kept = checkpoints.last_good()
+        raise RunInterruptedError(f"interrupted by Ctrl-C {where}{f'; resume with: cifar-train --resume {kept}' if kept else ''}",
+                                  128 + signal.SIGINT) from None  # fmt: skip
     except NonFiniteLossError as e:
         kept = checkpoints.last_good()
         raise TrainingFailedError(f"{e}; stopped{f', the last good checkpoint is {kept}' if kept else ''}") from None
@@ -427,6 +438,26 @@ def run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) ->
     """Train, checkpoint, test on the official test set; returns the results written to
     results.json in the run directory. ``callbacks`` are added to the Trainer's (benchmarks
     use this to probe a run without changing it)."""
+    with signals_restored():
+        return _run_training(cfg, callbacks)
+
+
+@contextlib.contextmanager
+def signals_restored() -> Iterator[None]:
+    """The SIGINT and SIGTERM handlers as they were before the run, whatever the run installed
+    (StopOnSignal, Lightning's connector) and however it ended: a later Ctrl-C in the same
+    notebook is the notebook's again."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     check_before_start(cfg)
     quiet_lightning()
@@ -489,7 +520,10 @@ def train(preset: str | None = None, data_dir: str | os.PathLike | None = None, 
 
     given = {k: plain(v) for k, v in {"preset": preset, "data_dir": data_dir, **overrides}.items() if v is not None}
     cfg = runs.resolve_recipe({**(read_yaml(os.fspath(config)) if config is not None else {}), **given})
-    results = train_command(cfg)
+    try:
+        results = train_command(cfg)
+    except KeyboardInterrupt:  # a Ctrl-C outside fit (data loading, calibration, the test)
+        raise RunInterruptedError("interrupted by Ctrl-C", 128 + signal.SIGINT) from None
     run_dir = Path(results["run_dir"])
     recorded = run_dir / runs.RESULTS
     metrics = json.loads(recorded.read_text()) if recorded.is_file() else {k: v for k, v in results.items() if k != "global_rank"}

@@ -29,7 +29,7 @@ def fast_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tree, run_dir = train_tiny_run(root, "--preset", "94", "--widths", "8,16,16", "--epochs", "2", "--val-size", "20", "--no-lookahead")
     (ckpt,) = (run_dir / "checkpoints").glob("best-*.ckpt")
     out = {"tree": tree, "run": run_dir, "ckpt": ckpt, "root": root}
-    for fmt, tta in (("onnx", None), ("safetensors", None), ("torchscript", None), ("onnx", "0")):
+    for fmt, tta in (("onnx", None), ("safetensors", None), ("pt2", None), ("torchscript", None), ("onnx", "0")):
         name = f"model{'_plain' if tta else ''}.{fmt}"
         out[name] = root / name
         argv = [str(ckpt), "--format", fmt, "--out", str(out[name]), *(["--tta", tta] if tta else [])]
@@ -47,8 +47,9 @@ def test_a_checkpoint_and_its_exports_score_the_same_with_their_test_time_views(
     results = json.loads((fast_run["run"] / "results.json").read_text())
     ckpt = _evaluate(fast_run["ckpt"], fast_run["tree"], tmp_path / "ckpt")
     assert ckpt["tta"] == 2
-    assert ckpt["accuracy"] == pytest.approx(results["test_acc"], abs=1e-6)  # what training's own test measured
-    for name in ("model.onnx", "model.safetensors"):
+    # what training's own test measured, through the same scoring path: equal to the image
+    assert ckpt["accuracy"] == results["test_acc"] and ckpt["ece"] == pytest.approx(results["test_ece"], abs=1e-7)
+    for name in ("model.onnx", "model.safetensors", "model.pt2"):
         exported = _evaluate(fast_run[name], fast_run["tree"], tmp_path / name)
         assert exported["accuracy"] == ckpt["accuracy"], name
         assert np.allclose(exported["confusion_matrix"], ckpt["confusion_matrix"]), name

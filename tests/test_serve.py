@@ -54,7 +54,7 @@ def test_a_served_prediction_equals_load_classifier_on_the_same_file(model, clie
         r = client.post("/predict", files={"file": ("x.png", f, "image/png")}, data={"top_k": "10"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == "fast" and len(body["top_k"]) == 10
+    assert body["model"] == str(model["onnx"]) and len(body["top_k"]) == 10
     served = {t["class"]: t["probability"] for t in body["top_k"]}
     names = load_classifier(model["onnx"]).class_names
     assert body["top_k"][0]["class"] == names[int(ref.argmax())]
@@ -66,7 +66,8 @@ def test_a_served_prediction_equals_load_classifier_on_the_same_file(model, clie
 
 def test_info_health_and_the_page(model, client) -> None:
     info = client.get("/info").json()
-    assert info["model"] == "fast" and info["classes"][0] == "airplane" and len(info["sha256"]) == 64
+    assert info["model"] == str(model["onnx"]) and info["network"] == "fast"  # named as the page and cifar-predict name it
+    assert info["classes"][0] == "airplane" and len(info["sha256"]) == 64
     assert info["test_time_augmentation"] is True and info["tta_level"] == 2
     assert info["test_accuracy"] == pytest.approx(json.loads((model["ckpt"].parent.parent / "results.json").read_text())["test_acc"])
     assert client.get("/health").status_code == 200
@@ -144,6 +145,8 @@ def test_a_real_browser_uploads_an_image_and_reads_the_class(model, tmp_path: Pa
                 "--disable-component-update", "--disable-sync"])  # fmt: skip
             page = browser.new_page(viewport={"width": 390, "height": 760})  # a phone's width
             page.goto(f"{url}/")
+            # The first screen: no image boxes (broken or empty) before an image is chosen.
+            assert not page.is_visible("#original") and not page.is_visible("#seen") and not page.is_visible("#panel")
             page.set_input_files("#file", str(model["image"]))
             page.wait_for_selector("#top1[data-class]", timeout=30_000)
             shown = page.get_attribute("#top1", "data-class")
