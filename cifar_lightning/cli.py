@@ -3,17 +3,15 @@ work; ``errors.exit_status`` maps what it raises to an exit status. ``--help`` r
 numpy, PIL or Lightning, so each body's module is imported inside its function.
 
     cifar-train --preset seed --print-config > my.yaml             # a recipe to read and edit
-    cifar-evaluate lightning_logs/version_0/checkpoints/last.ckpt
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from cifar_lightning import recipes, runs
-from cifar_lightning.errors import ConfigError, exit_status
+from cifar_lightning.errors import exit_status
 from cifar_lightning.recipes import ACCELERATORS, AUGMENT_RANGES, AUGMENTS, EXPORT_FORMATS, FIELDS, SECTIONS, TTA_LEVELS, WHY
 
 
@@ -25,8 +23,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _no_calibrate_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="raw probabilities: leave out the temperature fitted after training")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="raw probabilities: leave out the fitted temperature")
 
 
 def _positive_int(text: str) -> int:
@@ -127,7 +124,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint or an export (with its test-time augmentation): metrics.json, confusion heatmaps, "
         "prediction grids, calibration, training curves and report.md in one folder.",
     )
-    p.add_argument("model", help="a .ckpt written by cifar-train, or a .safetensors/.onnx written by cifar-export")
+    p.add_argument("model", help="a .ckpt written by cifar-train, a .safetensors/.onnx/.pt2 written by cifar-export, or pretrained:NAME")
     p.add_argument("--data-dir", help="default: the data dir of the model's training run (its config.yaml), else 'data'")
     p.add_argument("--split", choices=("test", "val"), default="test", help="val = the run's held-out split (default test)")
     p.add_argument("--out", help="report folder (default: report/ beside the run's checkpoints/, or MODEL_report/; _2... if taken)")
@@ -151,9 +148,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from cifar_lightning.evaluate import evaluate_command  # torch loads only now
 
-        evaluate_command(args.model, args.data_dir, args.split, args.out, args.overwrite, args.accelerator, args.batch_size,
-                         args.grid, args.download, calibrate=args.calibrate, corruptions=args.corruptions, seed=args.seed)  # fmt: skip
-        return 0
+        return evaluate_command(**vars(args))
 
     return exit_status("cifar-evaluate", body)
 
@@ -187,12 +182,11 @@ def show_data_main(argv: list[str] | None = None) -> int:
     args = show_data_parser().parse_args(argv)
 
     def body() -> int:
-        ranges = {k: getattr(args, k) for k in AUGMENT_RANGES if getattr(args, k) is not None}
-        ranges = recipes.check_values(ranges)
+        ranges = recipes.check_values({k: getattr(args, k) for k in AUGMENT_RANGES if getattr(args, k) is not None})
         from cifar_lightning.show_data import show_data_command  # torch and matplotlib load only now
 
-        show_data_command(args.data_dir, args.augment, ranges, args.per_class, args.n_augmented, args.seed, args.out,
-                          args.overwrite, args.download)  # fmt: skip
+        show_data_command(args.data_dir, args.augment, ranges, args.per_class, args.n_augmented, args.seed, args.out, args.overwrite,
+                          args.download)  # fmt: skip
         return 0
 
     return exit_status("cifar-show-data", body)
@@ -209,7 +203,7 @@ def export_parser() -> argparse.ArgumentParser:
         "the PyTorch network on real test images. The checkpoint's test-time augmentation goes with it.",
     )
     p.add_argument("checkpoint", help="a Lightning .ckpt written by cifar-train")
-    p.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+    p.add_argument("--format", dest="fmt", metavar="{" + ",".join(EXPORT_FORMATS) + "}", choices=EXPORT_FORMATS, required=True,
                    help="pt2: a torch.export program for Python; torchscript is deprecated (torch 2.14), kept for C++")
     p.add_argument("--out", required=True, help="output file; its metadata goes to OUT.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -217,7 +211,7 @@ def export_parser() -> argparse.ArgumentParser:
                    help="test-time views built into the export: 0 the plain network, 1 + mirror, 2 + translations "
                    "(default: the checkpoint's own, so the export scores what the checkpoint scored)")  # fmt: skip
     p.add_argument("--data-dir", help="test images for the check (default: the run's data dir)")
-    p.add_argument("--check-images", type=_positive_int, default=256, help="test images in the check (default 256)")
+    p.add_argument("--check-images", dest="n_check", metavar="N", type=_positive_int, default=256, help="test images checked (default 256)")
     p.add_argument("--random-check", action="store_true", help="no test images at hand: check on seeded random images (numerics only)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="a graph that outputs raw logits (the temperature is still recorded in OUT.json)")
@@ -234,9 +228,7 @@ def export_main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from cifar_lightning.export import export_command  # torch loads only now
 
-        export_command(args.checkpoint, args.format, args.out, args.overwrite, args.tta, args.data_dir, args.check_images,
-                       args.random_check, args.calibrate, args.download, half=args.half)  # fmt: skip
-        return 0
+        return export_command(**vars(args))
 
     return exit_status("cifar-export", body)
 
@@ -247,13 +239,13 @@ def export_main(argv: list[str] | None = None) -> int:
 def predict_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="cifar-predict",
-        description="Classify image files (or folders, recursively) with a .ckpt, .safetensors or .onnx model, or a "
+        description="Classify image files (or folders, recursively) with a .ckpt, .safetensors, .onnx or .pt2 model, or a "
         "bundled one (pretrained:NAME; with no model given, the bundled default). "
         "Exit status: 0 every input predicted, 1 some inputs failed, 2 bad model or flags.",
         usage="%(prog)s [MODEL] PATH [PATH ...] [options]",
     )
     p.add_argument("paths", nargs="+", metavar="[MODEL] PATH",
-                   help="a model (a Lightning .ckpt, a cifar-export .safetensors with its .json, an .onnx, or pretrained:NAME), "
+                   help="a model (a Lightning .ckpt, a cifar-export .safetensors or .pt2 with its .json, an .onnx, or pretrained:NAME), "
                    "then image files or folders; without a model, the bundled default classifies them")  # fmt: skip
     p.add_argument("--top-k", type=_positive_int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of tables")
@@ -263,33 +255,15 @@ def predict_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_model_argument(args: list[str]) -> tuple[str | None, list[str]]:
-    """(model, image paths): the first argument is the model when it names one
-    (``modelfile.looks_like_model``), or when it is a file that is no image followed by more
-    paths (then refused as a model of an unknown kind); else every argument is an image."""
-    from cifar_lightning.images import IMAGE_SUFFIXES
-    from cifar_lightning.modelfile import looks_like_model
-
-    first = Path(args[0])
-    if not args[0].strip():
-        raise ConfigError("an empty model or path argument; give a model file or pretrained:NAME, then image files or folders")
-    named = looks_like_model(args[0])
-    if len(args) > 1 and (named or (first.is_file() and first.suffix.lower() not in IMAGE_SUFFIXES)):
-        return args[0], args[1:]
-    if named:
-        raise ConfigError(f"{args[0]}: a model but no image to classify; give image files or folders after it")
-    return None, args
-
-
 def predict_main(argv: list[str] | None = None) -> int:
     """Entry point of cifar-predict."""
     args = predict_parser().parse_args(argv)
 
     def body() -> int:
-        from cifar_lightning.predict import predict_command  # torch loads only now
+        from cifar_lightning.predict import predict_command, split_model_argument  # torch loads only now
 
-        model, paths = split_model_argument(args.paths)
-        return predict_command(model, paths, args.top_k, args.json, args.batch_size, args.accelerator, args.calibrate)
+        return predict_command(*split_model_argument(args.paths), args.top_k, args.json, args.batch_size, args.accelerator,
+                               args.calibrate)  # fmt: skip
 
     return exit_status("cifar-predict", body)
 
@@ -300,7 +274,7 @@ def predict_main(argv: list[str] | None = None) -> int:
 def serve_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="cifar-serve", description="Serve a model over HTTP: POST /predict, GET /info, GET /health, "
                       "and a page at / to drop an image on. Batches concurrent requests (LitServe).")  # fmt: skip
-    p.add_argument("model", nargs="?", help="a .ckpt, a .safetensors / .onnx export (ONNX Runtime is the fastest on a CPU) or "
+    p.add_argument("model", nargs="?", help="a .ckpt, a .safetensors / .onnx / .pt2 export (ONNX Runtime is the fastest on a CPU) or "
                    "pretrained:NAME (default: the bundled default model)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default 8000)")
@@ -321,8 +295,6 @@ def serve_main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from cifar_lightning.serve import serve_command  # torch and LitServe load only now
 
-        serve_command(args.model, args.host, args.port, args.max_batch_size, args.batch_timeout, args.workers, args.accelerator,
-                      args.top_k, args.max_upload_mb, args.calibrate)  # fmt: skip
-        return 0
+        return serve_command(**vars(args))
 
     return exit_status("cifar-serve", body, sigterm=False)  # uvicorn shuts down on SIGTERM

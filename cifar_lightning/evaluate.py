@@ -26,7 +26,7 @@ from cifar_lightning.devices import device_for
 from cifar_lightning.errors import ConfigError, DataError, shown_names
 from cifar_lightning.fileio import atomic_dir, claim_free_dir, refuse_overlap, sha256_of
 from cifar_lightning.inference import Classifier, load_classifier
-from cifar_lightning.recipes import MAX_SEED
+from cifar_lightning.recipes import MAX_SEED, default
 from cifar_lightning.runs import recorded_data_dir, run_dir_of, saved_run_config
 
 
@@ -93,6 +93,25 @@ def score_corruptions(clf: Classifier, images: torch.Tensor, labels: torch.Tenso
     return results
 
 
+def split_images(clf: Classifier, data_dir: str, split: str, run_cfg: dict[str, Any], download: bool) -> Any:
+    """The images of the split, as the model's run split them; refused if their classes are not the model's."""
+    dm = CIFAR10DataModule(
+        data_dir=data_dir, val_size=run_cfg.get("val_size", default("val_size")),
+        split_seed=run_cfg.get("split_seed", default("split_seed")),
+        source=run_cfg.get("data_source", "auto") if data_dir == run_cfg.get("data_dir") else "auto", download=download,
+    )  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit" if split == "val" else "test")
+    ds = dm.val_set if split == "val" else dm.test_set
+    if list(clf.class_names) != list(dm.classes):
+        # Same count is not enough: 3 other names would be scored against the wrong labels.
+        ours, theirs = shown_names(list(dm.classes)), shown_names(list(clf.class_names))
+        raise DataError(f"--data-dir {data_dir}: its classes ({ours}) are not the model's ({theirs})")
+    if len(ds) == 0:
+        raise DataError(f"--split {split}: no images to evaluate")
+    return ds
+
+
 def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test", out: str | None = None, overwrite: bool = False,
              device: str = "cpu", batch_size: int = 500, grid: int = 25, download: bool = True, calibrate: bool = True,
              corruptions: str | None = None, seed: int = 0) -> tuple[Path, dict[str, Any]]:  # fmt: skip
@@ -120,35 +139,13 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     # A given --out is checked before the work; a default folder is claimed only once there is a report to put in it.
     target = report_dir(model_path, run_dir, out, overwrite) if out else None
 
-    dm = CIFAR10DataModule(
-        data_dir=data_dir, val_size=run_cfg.get("val_size", 5000), split_seed=run_cfg.get("split_seed", 0),
-        source=run_cfg.get("data_source", "auto") if data_dir == run_cfg.get("data_dir") else "auto", download=download,
-    )  # fmt: skip
-    dm.prepare_data()
-    dm.setup("fit" if split == "val" else "test")
-    ds = dm.val_set if split == "val" else dm.test_set
-    if list(clf.class_names) != list(dm.classes):
-        # Same count is not enough: 3 other names would be scored against the wrong labels.
-        ours, theirs = shown_names(list(dm.classes)), shown_names(list(clf.class_names))
-        raise DataError(f"--data-dir {data_dir}: its classes ({ours}) are not the model's ({theirs})")
-    if len(ds) == 0:
-        raise DataError(f"--split {split}: no images to evaluate")
-
-    logits = clf.logits(ds.images, batch_size)
-    probs = clf.to_probabilities(logits)
-    raw_probs = clf.to_probabilities(logits, calibrated=False) if clf.calibrated else None  # the same predictions, T = 1
+    ds = split_images(clf, data_dir, split, run_cfg, download)
+    clean = clf.score(ds.images, ds.labels, batch_size)  # the one scoring path, as a run's own test
+    probs, raw_probs = clean["probs"], clean["raw_probs"] if clf.calibrated else None  # the same predictions, T = 1
     scored = score_corruptions(clf, ds.images, ds.labels, seed, batch_size, names) if names else None
-    meta = {
-        "model": clf.info.get("model"),
-        "checkpoint": str(model_path),
-        "checkpoint_sha256": sha256_of(model_path),
-        "model_file": str(model_path),
-        "tta": clf.tta,
-        "temperature": clf.temperature,
-        "calibrated": clf.calibrated,
-        "split": split,
-        "data_dir": str(data_dir),
-    }
+    meta = {"model": clf.info.get("model"), "checkpoint": str(model_path), "checkpoint_sha256": sha256_of(model_path),
+            "model_file": str(model_path), "tta": clf.tta, "temperature": clf.temperature, "calibrated": clf.calibrated,
+            "split": split, "data_dir": str(data_dir)}  # fmt: skip
     claimed = target is None
     target = target or report_dir(model_path, run_dir, None, overwrite)
 
@@ -169,9 +166,10 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
 
 def evaluate_command(model: str, data_dir: str | None = None, split: str = "test", out: str | None = None, overwrite: bool = False,
                      accelerator: str = "auto", batch_size: int = 500, grid: int = 25, download: bool = True,
-                     calibrate: bool = True, corruptions: str | None = None, seed: int = 0) -> None:  # fmt: skip
-    """cifar-evaluate: evaluate, then print the table and where the report is."""
+                     calibrate: bool = True, corruptions: str | None = None, seed: int = 0) -> int:  # fmt: skip
+    """cifar-evaluate: evaluate, then print the table and where the report is; the exit status."""
     target, metrics = evaluate(model, data_dir, split, out, overwrite, device_for(accelerator), batch_size, grid, download,
                                calibrate=calibrate, corruptions=corruptions, seed=seed)  # fmt: skip
     print(report.format_table(metrics))
     print(f"\nreport: {target / 'report.md'}")
+    return 0

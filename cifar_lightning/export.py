@@ -236,8 +236,8 @@ def check_images(ckpt_path: Path, data_dir: str | None, n: int, download: bool, 
 
 def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite: bool = False, tta: int | None = None,
                    data_dir: str | None = None, n_check: int = 256, random_check: bool = False, calibrate: bool = True,
-                   download: bool = True, half: bool = False) -> None:  # fmt: skip
-    """cifar-export: refuse an --out over the checkpoint, export, check, and say what it wrote."""
+                   download: bool = True, half: bool = False) -> int:  # fmt: skip
+    """cifar-export: refuse an --out over the checkpoint, export, check, say what it wrote; the exit status."""
     ckpt_path = source_checkpoint(checkpoint)
     module = ImageClassifier.from_checkpoint(ckpt_path)
     target = export_path(Path(out), fmt)
@@ -257,6 +257,7 @@ def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite:
         f"(limit {HALF_LIMITS['max_abs_logit_diff'] if half else 1e-4:g}), "
         f"same top-1 on {check['same_top1']}/{check['images']}"
     )
+    return 0
 
 
 def source_checkpoint(spec: str | Path) -> Path:

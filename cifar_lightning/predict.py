@@ -18,8 +18,24 @@ import torch
 from cifar_lightning import bundled
 from cifar_lightning.devices import device_for
 from cifar_lightning.errors import ConfigError, ImageError, printable
-from cifar_lightning.images import is_image_file, load_image
+from cifar_lightning.images import IMAGE_SUFFIXES, is_image_file, load_image
 from cifar_lightning.inference import Classifier, load_classifier
+from cifar_lightning.modelfile import looks_like_model
+
+
+def split_model_argument(args: list[str]) -> tuple[str | None, list[str]]:
+    """(model, image paths): the first argument is the model when it names one
+    (``modelfile.looks_like_model``), or when it is a file that is no image followed by more
+    paths (then refused as a model of an unknown kind); else every argument is an image."""
+    first = Path(args[0])
+    if not args[0].strip():
+        raise ConfigError("an empty model or path argument; give a model file or pretrained:NAME, then image files or folders")
+    named = looks_like_model(args[0])
+    if len(args) > 1 and (named or (first.is_file() and first.suffix.lower() not in IMAGE_SUFFIXES)):
+        return args[0], args[1:]
+    if named:
+        raise ConfigError(f"{args[0]}: a model but no image to classify; give image files or folders after it")
+    return None, args
 
 
 def predict_files(clf: Classifier, files: Sequence[Path], top_k: int = 3, batch_size: int = 256) -> list[dict[str, Any]]:

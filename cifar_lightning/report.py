@@ -441,18 +441,16 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(
-    out_dir: Path,
-    probs: torch.Tensor,
-    labels: torch.Tensor,
-    images: torch.Tensor,
-    class_names: Sequence[str],
-    meta: dict,
-    run_dir: Path | None = None,
-    grid: int = 25,
-    raw_probs: torch.Tensor | None = None,
-    corruptions: dict | None = None,
-) -> dict:
+def _no_mistakes() -> Figure:
+    fig, ax = plt.subplots(figsize=(5, 2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, "no mistakes on this split", ha="center", va="center", fontsize=14)
+    return fig
+
+
+def write_report(out_dir: Path, probs: torch.Tensor, labels: torch.Tensor, images: torch.Tensor, class_names: Sequence[str],
+                 meta: dict, run_dir: Path | None = None, grid: int = 25, raw_probs: torch.Tensor | None = None,
+                 corruptions: dict | None = None) -> dict:  # fmt: skip
     """Write metrics.json, every figure and report.md into out_dir; return the metrics.
     ``raw_probs``: the same predictions before the temperature (ECE before and after);
     ``corruptions``: {name: [{severity, label, accuracy, ece}, ...]} from cifar-evaluate."""
@@ -479,15 +477,8 @@ def write_report(
         images[shown], labels[shown], probs[shown], class_names, title=f"{len(shown)} random images: green right, red wrong"
     )
     mistakes = most_confident_mistakes(labels, probs, grid)
-    if len(mistakes):
-        figures["misclassified.png"] = prediction_grid(
-            images[mistakes], labels[mistakes], probs[mistakes], class_names, title="Most confident mistakes"
-        )
-    else:
-        fig, ax = plt.subplots(figsize=(5, 2))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no mistakes on this split", ha="center", va="center", fontsize=14)
-        figures["misclassified.png"] = fig
+    figures["misclassified.png"] = prediction_grid(images[mistakes], labels[mistakes], probs[mistakes], class_names,
+                                                   title="Most confident mistakes") if len(mistakes) else _no_mistakes()  # fmt: skip
     figures["calibration.png"] = calibration_figure(probs, labels, raw_probs, float(meta.get("temperature") or 1.0))
     if corruptions:
         figures["corruptions.png"] = corruption_figure(corruptions)

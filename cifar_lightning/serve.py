@@ -341,8 +341,8 @@ def listen_address(host: str, port: int) -> str:
 
 def serve_command(model: str | None, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32, batch_timeout: float = 0.005,
                   workers: int = 1, accelerator: str = "cpu", top_k: int = 5, max_upload_mb: float = 10.0,
-                  calibrate: bool = True) -> None:  # fmt: skip
-    """cifar-serve: build the server, then serve until Ctrl-C or SIGTERM (which stop the workers too).
+                  calibrate: bool = True) -> int:  # fmt: skip
+    """cifar-serve: build the server, then serve until Ctrl-C or SIGTERM (which stop the workers too); 0.
     Without a model, the bundled default (``bundled.default_name``)."""
     model = bundled.PREFIX + bundled.default_name() if model is None else model
     if not (0 <= batch_timeout < 60 and 0 < max_upload_mb <= 1024):
@@ -363,3 +363,4 @@ def serve_command(model: str | None, host: str = "127.0.0.1", port: int = 8000, 
         server.run(host=listen_host, port=port, generate_client_file=False, log_level="warning")
     except KeyboardInterrupt:
         pass
+    return 0
