@@ -14,6 +14,7 @@ import reprlib
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 
 
@@ -138,17 +139,25 @@ def sigterm_raises() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def exit_status(prog: str, body: Callable[[], int], sigterm: bool = True) -> int:
+def exit_status(prog: str, body: Callable[[], int], sigterm: bool = True, hold_warnings: bool | None = None) -> int:
     """Run a command's body; what it raises becomes one line on stderr and an exit status:
     2 for what the user can fix, 1 for a failure, 128 + N for a stop by signal N.
 
     ``sigterm`` turns SIGTERM into an exception for the body's duration (``sigterm_raises``).
     Training passes False: Lightning's own handler stops fit at a step boundary and saves a
     checkpoint, and it calls any handler installed before it (which would raise mid-step);
-    training raises on SIGTERM itself once fit is over."""
+    training raises on SIGTERM itself once fit is over. ``hold_warnings`` (default: as
+    ``sigterm``, so not for the long-running train and serve) keeps library warnings until the
+    command has worked: torch's warnings never precede the project's one-line error."""
+    hold = sigterm if hold_warnings is None else hold_warnings
+    held: list[warnings.WarningMessage] = []
     try:
-        with sigterm_raises() if sigterm else contextlib.nullcontext():
-            return body()
+        with sigterm_raises() if sigterm else contextlib.nullcontext(), warnings.catch_warnings(record=hold) as caught:
+            code = body()
+            held = list(caught or [])
+        for w in held:  # a command that worked shows what the libraries warned of; a refusal is its one line alone
+            sys.stderr.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
+        return code
     except RunInterruptedError as e:
         return _fail(prog, str(e), e.code)
     except TrainingFailedError as e:

@@ -169,7 +169,7 @@ def checkpoint_classifier(ckpt: dict, path: str | Path, device: str = "cpu", tta
 
 
 def classifier_of(model: OpenedModel, tta: int | None = None, calibrate: bool = True) -> Classifier:
-    if tta is not None and (isinstance(tta, bool) or tta not in TTA_LEVELS):
+    if tta is not None and (isinstance(tta, bool) or not isinstance(tta, int) or tta not in TTA_LEVELS):
         raise ConfigError(f"tta={str(tta)[:20]}: choose from {', '.join(map(str, TTA_LEVELS))}")
     meta, names = model.meta, model.class_names
     if model.kind.weights:

@@ -275,3 +275,23 @@ def test_odd_image_modes_and_sizes_are_predicted_not_refused(world: dict[str, Pa
     classes, probs = load_classifier(world["ckpt"]).predict(files)
     assert len(classes) == len(files) and all(c in CLASSES for c in classes)
     assert torch.allclose(probs.sum(1), torch.ones(len(files)), atol=1e-5)
+
+
+@pytest.mark.unit
+def test_a_librarys_warning_never_precedes_the_one_line_refusal(capsys) -> None:
+    import warnings
+
+    from cifar_lightning.errors import ConfigError, exit_status
+
+    def refused() -> int:
+        warnings.warn("torch says something first", UserWarning, stacklevel=1)
+        raise ConfigError("--flag: the one line")
+
+    def works() -> int:
+        warnings.warn("torch says something", UserWarning, stacklevel=1)
+        return 0
+
+    assert exit_status("cifar-x", refused) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["cifar-x: error: --flag: the one line"]
+    assert exit_status("cifar-x", works) == 0
+    assert "torch says something" in capsys.readouterr().err  # shown once the command has worked

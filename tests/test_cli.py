@@ -233,3 +233,47 @@ def test_a_run_trains_with_the_alternating_flip_and_refuses_it_without_crop_flip
     assert config["alternate_flip"] is True
     assert call(train_main, tiny_train_argv(tree, tmp_path / "logs2", "--alternate-flip")) == 2
     assert not (tmp_path / "logs2").exists()
+
+
+@pytest.mark.unit
+def test_swapping_the_photo_augmentation_drops_the_ranges_only_robust_uses() -> None:
+    from cifar_lightning.cli import resolve_train_config
+
+    cfg = resolve_train_config(["--preset", "photo", "--augment", "standard"])
+    assert cfg.augment == "standard" and cfg.jpeg_quality_min is None and cfg.crop_padding == 2
+    kept = resolve_train_config(["--preset", "photo", "--augment", "standard", "--jpeg-quality-min", "60"])
+    assert kept.jpeg_quality_min == 60  # given, so kept (and refused by the augmentation, by name)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--preset", "photo", "--robust-from", "0.9", "--epochs", "1"], "--robust-from 0.9 of 1 epoch"),
+    (["--data-dir", "{tree}", "--log-dir", "{tree}"], "--log-dir"),
+])  # fmt: skip
+def test_a_recipe_that_cannot_do_what_it_says_is_refused_before_a_run(tmp_path: Path, capsys, argv, says) -> None:
+    tree = write_imagefolder(tmp_path / "tree")
+    argv = [a.format(tree=tree) for a in argv]
+    assert run_train([*argv, "--data-dir", str(tree)] if "--data-dir" not in argv else argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]
+    assert not [p for p in tree.rglob("version_*")]
+
+
+@pytest.mark.unit
+def test_a_resume_keeps_its_preset_and_needs_its_config(tmp_path: Path) -> None:
+    from cifar_lightning import runs
+    from cifar_lightning.errors import ConfigError
+    from cifar_lightning.recipes import build
+
+    run = tmp_path / "logs" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (run / "config.yaml").write_text(build({"preset": "seed"}).to_yaml())
+    with pytest.raises(ConfigError, match="keeps its own recipe"):
+        runs.resolve_recipe({"resume": str(run / "checkpoints" / "last.ckpt"), "preset": "90"})
+    assert runs.resolve_recipe({"resume": str(run / "checkpoints" / "last.ckpt")}).preset == "seed"
+    stray = tmp_path / "elsewhere" / "last.ckpt"
+    stray.parent.mkdir()
+    stray.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="config.yaml"):
+        runs.resolve_recipe({"resume": str(stray)})

@@ -196,6 +196,25 @@ def test_download_with_a_wrong_checksum_is_refused(tmp_path: Path, fake_cifar10_
         CIFAR10DataModule(str(tmp_path / "dl")).prepare_data()
 
 
+def test_a_cache_whose_labels_exceed_the_classes_is_rebuilt_not_trained_on(imagefolder: Path, private_cache: Path) -> None:
+    first = data.load_imagefolder(imagefolder)
+    (cache_file,) = private_cache.glob("*.pt")
+    blob = torch.load(cache_file, weights_only=True)
+    blob["train_labels"] = torch.full_like(blob["train_labels"], 99)
+    torch.save(blob, cache_file)
+    again = data.load_imagefolder(imagefolder)
+    assert torch.equal(again["train"].labels, first["train"].labels)
+
+
+def test_a_float_image_of_nans_is_refused_not_read_as_black(tmp_path: Path) -> None:
+    from cifar_lightning.errors import ImageError
+
+    path = tmp_path / "nan.tiff"
+    Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32), mode="F").save(path)
+    with pytest.raises(ImageError, match="NaN"):
+        images.load_image(path)
+
+
 def test_download_without_network_says_how_to_use_a_local_copy(tmp_path: Path, monkeypatch) -> None:
     import socket
 
@@ -207,6 +226,9 @@ def test_download_without_network_says_how_to_use_a_local_copy(tmp_path: Path, m
     monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
     with pytest.raises(DataError, match=r"could not download CIFAR-10 .*point --data-dir at a local copy"):
         CIFAR10DataModule(str(tmp_path / "dl")).prepare_data()
+    with pytest.raises(DataError):  # a mistyped --data-dir leaves no empty folder at the typo
+        CIFAR10DataModule(str(tmp_path / "typo" / "cifar")).prepare_data()
+    assert not (tmp_path / "dl").exists() and not (tmp_path / "typo").exists()
 
 
 def test_alternating_flip_mirrors_a_seeded_half_first_then_every_image_every_other_epoch() -> None:

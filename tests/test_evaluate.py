@@ -104,3 +104,27 @@ def test_show_data_draws_the_data_grid_and_keeps_existing_files(run, tmp_path: P
     before = out.read_bytes()
     assert call(show_data_main, ["--data-dir", str(tree), "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--corruptions", "gaussian_noise", "--seed", "100000000000000000"], "--seed"),
+    (["--corruptions", ""], "--corruptions"),
+    (["--seed", "-1"], "--seed"),
+])  # fmt: skip
+def test_a_bad_seed_or_an_empty_corruption_list_is_refused_before_any_scoring(tmp_path: Path, capsys, extra, says) -> None:
+    assert call(evaluate_main, ["pretrained:94", "--data-dir", str(tmp_path / "absent"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "--data-dir" not in err[0]  # refused before the data was looked for
+
+
+@pytest.mark.unit
+def test_a_symlinked_out_folder_is_refused_before_the_work(tmp_path: Path, capsys) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "mine.txt").write_text("kept")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert call(evaluate_main, ["pretrained:94", "--data-dir", str(tmp_path / "absent"), "--out", str(link), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and "rmtree" not in err and (real / "mine.txt").read_text() == "kept"

@@ -71,3 +71,32 @@ def test_train_raises_the_project_errors_and_creates_no_run(tmp_path: Path, kwar
     with pytest.raises(error, match=says):
         cifar_lightning.train(**{"data_dir": str(tmp_path / "data"), "log_dir": tmp_path / "logs", **TINY, **kwargs})
     assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").iterdir())
+
+
+class CtrlCTwice(__import__("lightning").Callback):
+    """Two Ctrl-C on the second training step, as a user pressing it twice."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        import os
+        import signal
+
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.train
+def test_two_ctrl_c_raise_run_interrupted_and_leave_no_handler_behind(tmp_path: Path) -> None:
+    import signal
+
+    from cifar_lightning import runs, training
+    from cifar_lightning.errors import RunInterruptedError
+
+    tree = write_imagefolder(tmp_path / "tree")
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    cfg = runs.resolve_recipe({"preset": "seed", "data_dir": str(tree), "log_dir": str(tmp_path / "logs"), "epochs": 2, **TINY,
+                               "batch_size": 8})  # fmt: skip
+    with pytest.raises(RunInterruptedError) as stopped:
+        training.run_training(cfg, callbacks=[CtrlCTwice()])
+    assert stopped.value.code == 130 and "Ctrl-C" in str(stopped.value)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
