@@ -52,12 +52,12 @@ def report_dir(model_path: Path, run_dir: Path | None, out: str | None, overwrit
     return claim_free_dir(default_report_base(model_path, run_dir))
 
 
-def default_report_base(model_path: Path, run_dir: Path | None) -> Path:
+def default_report_base(model_path: Path, run_dir: Path | None) -> Path:  # run_dir: a checkpoint's own run
     """report/ in a checkpoint's run, else <file>_report beside the file (before any _2, _3); a
     bundled model's in the current folder (never inside the installed package)."""
     if model_path.parent == bundled.folder():
         return Path(f"pretrained_{model_path.stem}_report")
-    if run_dir is not None and model_path.suffix.lower() == ".ckpt":
+    if run_dir is not None:
         return run_dir / "report"
     return model_path.with_name(f"{model_path.stem}_report")
 
@@ -126,18 +126,19 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     source = source_checkpoint(model_path, clf)
     run_cfg = saved_run_config(source)
     run_dir = run_dir_of(source) if run_cfg else None
+    own_run = run_dir if clf.info.get("kind") == "checkpoint" else None  # an export's report goes beside the export
     if split == "val" and not run_cfg:
         raise ConfigError(f"--split val: {model_path} does not lead to its training run (config.yaml), so its validation split is unknown")
     data_dir = recorded_data_dir(source, data_dir) or "data"
     if out:
-        report_dir(model_path, run_dir, out, overwrite)  # a bad --out is refused before the work, not after it
         refuse_overlap(Path(out), {"model file": model_path, "source checkpoint": source, "training run": run_dir,
                                    "data dir": Path(data_dir)}, inside={"data dir": Path(data_dir)})  # fmt: skip
+        report_dir(model_path, own_run, out, overwrite)  # a bad --out is refused before the work, not after it
     else:  # the default folder, beside a model file kept inside the data, would add its PNGs to the data
-        refuse_overlap(default_report_base(model_path, run_dir), {"data dir": Path(data_dir)}, inside={"data dir": Path(data_dir)},
+        refuse_overlap(default_report_base(model_path, own_run), {"data dir": Path(data_dir)}, inside={"data dir": Path(data_dir)},
                        flag="the report folder")  # fmt: skip
     # A given --out is checked before the work; a default folder is claimed only once there is a report to put in it.
-    target = report_dir(model_path, run_dir, out, overwrite) if out else None
+    target = report_dir(model_path, own_run, out, overwrite) if out else None
 
     ds = split_images(clf, data_dir, split, run_cfg, download)
     clean = clf.score(ds.images, ds.labels, batch_size)  # the one scoring path, as a run's own test
@@ -147,7 +148,7 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
             "model_file": str(model_path), "tta": clf.tta, "temperature": clf.temperature, "calibrated": clf.calibrated,
             "split": split, "data_dir": str(data_dir)}  # fmt: skip
     claimed = target is None
-    target = target or report_dir(model_path, run_dir, None, overwrite)
+    target = target or report_dir(model_path, own_run, None, overwrite)
 
     def write(tmp: Path) -> dict[str, Any]:
         return report.write_report(tmp, probs, ds.labels, ds.images, clf.class_names, meta, run_dir=run_dir, grid=grid,

@@ -130,8 +130,9 @@ def check_metadata(meta: dict, where: Path | str) -> None:
         problem = problem or "'temperature' must be a positive number or null"
     if not isinstance(meta.get("temperature_in_graph", False), bool):
         problem = problem or "'temperature_in_graph' must be true or false"
-    names, n = meta.get("class_names"), (meta.get("model_args") or {}).get("num_classes")
-    if names is not None and isinstance(n, int) and n != len(names):
+    args = meta.get("model_args")
+    names, n = meta.get("class_names"), args.get("num_classes") if isinstance(args, dict) else None
+    if isinstance(names, list) and isinstance(n, int) and n != len(names):
         problem = problem or f"the metadata names {len(names)} classes for a {n}-class network"
     if problem:
         raise ModelError(f"{where}: unusable export metadata: {problem}")

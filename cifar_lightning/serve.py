@@ -257,7 +257,7 @@ def model_info(model: str | Path, clf: Any) -> dict[str, Any]:
     path = bundled.resolve(model)
     info = clf.info
     accuracy = info.get("test_accuracy")
-    if accuracy is None and path.suffix.lower() == ".ckpt":
+    if accuracy is None and info.get("kind") == "checkpoint":
         accuracy = known_test_accuracy(path)
     return {
         "model": info["name"],

@@ -335,7 +335,9 @@ def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, che
             hint = f"saved {stop.saved}; resume with: cifar-train --resume {stop.saved}"
             raise RunInterruptedError(f"stopped by {name} {where}; {hint}", code) from None
         raise RunInterruptedError(f"stopped by {name} {where}", code) from None
-    except SystemExit:  # Lightning's answer to a second Ctrl-C: its graceful shutdown, then sys.exit(1)
+    except SystemExit as e:  # Lightning's answer to a second Ctrl-C: its graceful shutdown, then sys.exit(1)
+        if not isinstance(e.__context__, KeyboardInterrupt):
+            raise  # someone else's exit (a callback's), not Lightning's
         where = f"at epoch {trainer.current_epoch + 1}, step {trainer.global_step}"
         kept = checkpoints.last_good()
         raise RunInterruptedError(f"interrupted by Ctrl-C {where}{f'; resume with: cifar-train --resume {kept}' if kept else ''}",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cifar_lightning import bundled
+from cifar_lightning import bundled, calibration
 from cifar_lightning.data import load_splits
 from cifar_lightning.export import export_command
 from cifar_lightning.fileio import atomic_write_text, sha256_of
@@ -29,7 +29,7 @@ from cifar_lightning.runs import RESULTS
 
 def accuracy(model: Path, images: torch.Tensor, labels: torch.Tensor) -> float:
     probs = load_classifier(model).probabilities(images, batch_size=500)
-    return float((probs.argmax(1) == labels).float().mean())
+    return calibration.accuracy(probs, labels)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import torch
 from benchmarks.harness import REPO
 from cifar_lightning import bundled
 from cifar_lightning import corruptions as corruption
-from cifar_lightning.calibration import ece
+from cifar_lightning.calibration import accuracy, ece
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.evaluate import score_corruptions
 from cifar_lightning.inference import load_classifier
@@ -42,15 +42,15 @@ def score(model: str | Path, images: torch.Tensor, labels: torch.Tensor, subset:
     clf = load_classifier(bundled.resolve(model))
     if clean is None:
         probs = clf.probabilities(images, 500)
-        clean = float((probs.argmax(1) == labels).float().mean()), ece(probs, labels)
+        clean = accuracy(probs, labels), ece(probs, labels)
     jpeg = clf.probabilities(corruption.jpeg(images, 75), 500)
     sub = clf.probabilities(images[subset], 500)
     scored = score_corruptions(clf, images[subset], labels[subset])
     rows = [r["accuracy"] for levels in scored.values() for r in levels]
     return {
         "model": str(model), "clean_accuracy": clean[0], "ece": clean[1],
-        "jpeg75_accuracy": float((jpeg.argmax(1) == labels).float().mean()),
-        "clean_accuracy_subset": float((sub.argmax(1) == labels[subset]).float().mean()),
+        "jpeg75_accuracy": accuracy(jpeg, labels),
+        "clean_accuracy_subset": accuracy(sub, labels[subset]),
         "corruption_mean_accuracy_subset": statistics.fmean(rows), "corrupt_images": len(subset),
         "corruptions": {k: [round(r["accuracy"], 4) for r in v] for k, v in scored.items()},
         "eval_seconds": time.perf_counter() - t0,

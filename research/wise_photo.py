@@ -26,6 +26,7 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 from cifar_lightning import corruptions as corruption
+from cifar_lightning.calibration import accuracy
 from cifar_lightning.checkpoint import load_checkpoint
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.evaluate import score_corruptions
@@ -38,10 +39,6 @@ def blend(base: dict, tuned: dict, a: float) -> dict:
     sb, st = base["state_dict"], tuned["state_dict"]
     mixed = {k: (torch.lerp(sb[k].float(), v.float(), a).to(v.dtype) if v.is_floating_point() else v) for k, v in st.items()}
     return {**tuned, "state_dict": mixed}
-
-
-def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((probs.argmax(1) == labels).float().mean())
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 from conftest import REPO, tiny_train_argv, write_imagefolder
 
+from cifar_lightning import load_classifier
 from cifar_lightning.checkpoint import load_checkpoint
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.images import CLASSES
@@ -22,11 +23,14 @@ pytestmark = pytest.mark.subprocess
 
 
 def single_process_metrics(ckpt: Path, tree: Path, stage: str) -> dict[str, float]:
-    module = ImageClassifier.from_checkpoint(ckpt)
     dm = CIFAR10DataModule(str(tree), val_size=21, eval_batch_size=4)
+    if stage == "test":  # the one scoring path, as cifar-evaluate scores the checkpoint in one process
+        dm.setup("test")
+        s = load_classifier(ckpt).score(dm.test_set.images, dm.test_set.labels)
+        return {"test_acc": s["accuracy"], "test_loss": s["loss"]}
+    module = ImageClassifier.from_checkpoint(ckpt)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    run = trainer.validate if stage == "val" else trainer.test
-    return {k: float(v) for k, v in run(module, datamodule=dm, verbose=False)[0].items()}
+    return {k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()}
 
 
 def test_two_process_ddp_run_reports_the_single_process_metrics(tmp_path: Path) -> None:
