@@ -151,10 +151,11 @@ def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_
 
 def _torchscript_bytes(net: torch.nn.Module, example: torch.Tensor) -> bytes:
     """Traced (the networks have no data-dependent control flow). TorchScript is deprecated in
-    torch 2.14 in favour of torch.export, but still what C++/mobile deployments load."""
+    torch 2.14 in favour of torch.export, but still what C++/mobile deployments load: its
+    deprecation and tracer warnings are this project's to say (--help, README), not torch's."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
+        warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.trace(net, example), buf)
     return buf.getvalue()
 
@@ -252,6 +253,8 @@ def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite:
     images, where = check_images(ckpt_path, data_dir, n_check, download, random_check)
     check = export(module, ckpt_path, fmt, target, images, tta=tta, calibrate=calibrate, replace=overwrite, half=half)
     print(f"wrote {target} and {target.name}.json (test-time views: {module.hparams.tta if tta is None else tta})")
+    if fmt == "torchscript":
+        print("note: TorchScript is deprecated (torch 2.14); it stays for C++ and mobile; from Python, load a --format pt2 export")
     print(
         f"check on {where}: max |logit difference| {check['max_abs_logit_diff']:.2e} "
         f"(limit {HALF_LIMITS['max_abs_logit_diff'] if half else 1e-4:g}), "
