@@ -1,6 +1,8 @@
 """Shared test helpers: tiny synthetic CIFAR-10 lookalikes in both source formats, a local fake
-download, the one tiny cifar-train command line, the tiny seed run trained once per session,
-and a malicious checkpoint.
+download, the one tiny cifar-train command line, the tiny seed run trained once per session (a
+copy of it per module as ``run``, and exported to every format as ``trained``), a malicious
+checkpoint, and what the tests of refusals share: the one error line, a folder's state, a small
+full disk, SIGTERM at a chosen point, and a command under a memory limit.
 
 Tiers (markers, pyproject.toml): ``unit`` (no Trainer, no subprocess: ``-m unit`` is the quick
 loop), ``train`` (trains tiny runs in-process), ``subprocess`` (runs the commands as a user
@@ -18,6 +20,7 @@ import os
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -25,14 +28,19 @@ import io
 import pickle
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cifar_lightning import fileio
 from cifar_lightning.images import CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +103,7 @@ def train_tiny_run(root: Path, *extra: str, epochs: int = 1) -> tuple[Path, Path
 TIERS = ("train", "subprocess", "faults", "browser", "real_data")
 #: module fixtures that train a tiny run: a test that uses one is in the ``train`` tier
 TRAINING_FIXTURES = {"seed_run_once", "world", "trained", "run", "calibrated", "fast_run", "export_dir", "model", "client",
-                     "trained_run", "unbroken"}  # fmt: skip
+                     "trained_run", "unbroken", "eval_run"}  # fmt: skip
 
 
 #: the longest modules first: on several workers (CI), a long test left for the end keeps one
@@ -232,3 +240,137 @@ def png_bomb(path: Path, side: int = 30000) -> Path:
     header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", body) + chunk(b"IEND", b""))
     return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, seed_run_once: tuple[Path, Path]) -> dict[str, Path]:
+    """A copy of the session's seed run for this module's tests, which may add files to it:
+    its root, data tree, run dir, log dir and last checkpoint, and a cat and a dog test image."""
+    root = tmp_path_factory.mktemp("run")
+    tree, run_dir = copy_of_seed_run(seed_run_once, root)
+    return {"root": root, "tree": tree, "run": run_dir, "logs": run_dir.parent, "ckpt": run_dir / "checkpoints" / "last.ckpt",
+            "good": next((tree / "test" / "cat").iterdir()), "good2": next((tree / "test" / "dog").iterdir())}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, seed_run_once: tuple[Path, Path]) -> dict[str, Path]:
+    """The session's 1-epoch tiny run (a copy), exported to every format, ONCE per session (the
+    export and predict tests read it): read it, never change it."""
+    from cifar_lightning.cli import export_main
+
+    root = tmp_path_factory.mktemp("export")
+    tree, run_dir = copy_of_seed_run(seed_run_once, root)
+    (ckpt,) = (run_dir / "checkpoints").glob("best-*.ckpt")
+    paths = {"tree": tree, "ckpt": ckpt, "root": root, "run": run_dir}
+    for fmt in ("safetensors", "onnx", "pt2", "torchscript"):
+        paths[fmt] = root / f"model.{fmt}"
+        assert call(export_main, [str(ckpt), "--format", fmt, "--out", str(paths[fmt])]) == 0
+    return paths
+
+
+def sample_images(tree: Path) -> list[Path]:
+    return sorted((tree / "test").rglob("*.png"))[::4]
+
+
+# ----------------------------------------------------------------------------- what the tests of refusals share
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def tree_state(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes: what a refused command must leave as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob(".*") if fileio.is_temp_sibling(p)]
+
+
+CLASSES_2 = ("apple", "pear")
+
+
+def tree_of(root: Path, classes: tuple[str, ...] = CLASSES_2, n_train: int = 3, n_test: int = 1) -> Path:
+    return write_imagefolder(root, n_train=n_train, n_test=n_test, classes=classes)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest):
+    """A small tmpfs, 256 KiB unless the test is marked ``disk_kib(N)`` (root only: the tests are
+    skipped elsewhere)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    marker = request.node.get_closest_marker("disk_kib")
+    where = tmp_path / "disk"
+    where.mkdir()
+    size = f"size={marker.args[0] if marker else 256}k"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", size, "tmpfs", str(where)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(disk: Path, leave: int = 0) -> None:
+    """Fill the disk up to ``leave`` free bytes."""
+    with open(disk / "filler", "wb") as f, contextlib.suppress(OSError):
+        while True:
+            st = os.statvfs(disk)
+            free = st.f_bavail * st.f_frsize - leave
+            if free <= 0:
+                break
+            f.write(b"\0" * min(free, 1 << 16))
+            f.flush()
+
+
+# The command in a subprocess; HOLD names a function that announces itself in MARKER and waits
+# there, so the test can send SIGTERM at exactly that point.
+HOLDING = r"""
+import importlib, os, sys, time
+from pathlib import Path
+module_name, _, name = os.environ["HOLD"].rpartition(".")
+module = importlib.import_module(module_name)
+real = getattr(module, name)
+def held(*a, **k):
+    result = real(*a, **k)
+    Path(os.environ["MARKER"]).write_text("here")
+    time.sleep(120)
+    return result
+setattr(module, name, held)
+from cifar_lightning.__main__ import main
+sys.exit(main())
+"""
+
+
+def sigterm_at(hold: str, argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    marker = tmp_path / "marker"
+    env = {**os.environ, "HOLD": hold, "MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDING, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+MEMORY_PROBE = r"""
+import resource, sys
+from cifar_lightning import inference, checkpoint  # torch and its libraries mapped first
+def vm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+limit = vm() + (1 << 30)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from cifar_lightning.cli import {main}
+sys.exit({main}(sys.argv[1:]))
+"""
+
+
+def probe_memory(main: str, args: list[str]) -> subprocess.CompletedProcess:
+    """A command run with at most 1 GiB of address space beyond what importing torch took."""
+    return subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(main=main), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip

@@ -1,18 +1,19 @@
-"""Calibration: the temperature is fitted on images no step trained on, lives in the checkpoint
-and in every export, and every path gives the same calibrated (or, asked, raw) probabilities."""
+"""Calibration: the temperature is fitted on held-out images, kept in the checkpoint and every export, and used by every path."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import call, tiny_train_argv, train_tiny_run
+from conftest import call, fill, leftovers, one_error_line, tiny_train_argv, train_tiny_run
 
 from cifar_lightning import load_classifier
 from cifar_lightning.calibration import fit_temperature
 from cifar_lightning.cli import evaluate_main, export_main, predict_main, train_main
+from cifar_lightning.errors import exit_status
 from cifar_lightning.images import normalize
 from cifar_lightning.inference import as_uint8_batch
 
@@ -153,3 +154,39 @@ def test_the_seed_recipe_without_a_validation_split_calibrates_on_held_out_image
     assert call(train_main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "--calibrate val" in err[-1] and not (tmp_path / "logs2").exists()
+
+
+# ----------------------------------------------------------------------------- what calibration refuses, and a full disk
+
+
+def test_a_calibration_split_left_empty_is_refused_before_a_run_folder_exists(run, tmp_path: Path, capsys) -> None:
+    logs = tmp_path / "logs"
+    # 120 training images: 111 for validation leaves 9, and a tenth of 9 is none to calibrate on
+    argv = tiny_train_argv(run["tree"], logs, "--calibrate", "heldout", "--val-size", "111")
+    assert call(train_main, argv) == 2
+    assert "--calibrate heldout" in one_error_line(capsys)
+    assert not list(logs.glob("version_*"))
+
+
+@pytest.mark.faults
+@pytest.mark.disk_kib(65536)  # room for the 26 MB seed checkpoint, then filled
+def test_writing_the_temperature_to_a_full_disk_says_so_and_keeps_the_checkpoint(run, small_disk: Path, capsys) -> None:
+    from cifar_lightning.training import calibrate_checkpoint
+
+    ckpt = small_disk / "last.ckpt"
+    try:
+        shutil.copy(run["ckpt"], ckpt)
+    except OSError:
+        pytest.skip("the seed checkpoint does not fit the small disk")
+    before = ckpt.read_bytes()
+    fill(small_disk)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(16) % 10
+
+    def body() -> int:
+        calibrate_checkpoint(ckpt, images, labels, "heldout", "cpu")
+        return 0
+
+    assert exit_status("cifar-train", body, sigterm=False) == 1
+    assert "no space left" in one_error_line(capsys)
+    assert ckpt.read_bytes() == before and not leftovers(small_disk)

@@ -1,16 +1,20 @@
-"""Report metrics against a hand-checked example, and the report figures' files."""
+"""report.py: metrics against a hand-checked example, and the figures it draws, class names with markup included."""
 
 from __future__ import annotations
 
+import io
 import math
+import os
 from pathlib import Path
 
+import matplotlib.cbook
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from cifar_lightning import report
+from cifar_lightning.errors import printable
 
 # 3 classes, 6 images. Predictions (argmax): 0, 1, 1, 2, 0, 2 ; labels: 0, 0, 1, 2, 2, 1
 PROBS = torch.tensor([
@@ -93,3 +97,67 @@ def test_write_report_writes_every_figure_readable_and_not_blank(tmp_path: Path)
         assert f"]({name})" in md
     assert not (tmp_path / "r" / "curves.png").exists()  # no run dir, no curves
     assert "class0" in report.format_table(m)
+
+
+# ----------------------------------------------------------------------------- names matplotlib reads as math
+
+
+MARKUP_NAMES = ["$x$", "$$", "a$b$c", "back\\slash", "^_", "$^_$", "$\\frac{$", "a$b", "x" * 255, "last"]
+
+
+NAME_SETS = {
+    "dollars": MARKUP_NAMES,
+    "one-dollar-pair": ["$cat$", "dog"],
+    "only-dollars": ["$", "$$", "$$$", "$$$$"],
+    "not-utf8": [os.fsdecode(b"caf\xe9"), "$\\alpha$"],
+}
+
+
+def _predictions(n_classes: int, n: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return images, torch.arange(n) % n_classes, torch.rand(n, n_classes, generator=g).softmax(1)
+
+
+def _draw(fig) -> None:
+    """Draw as TensorBoard's add_figure does (outside report.py), then as a PNG file."""
+    fig.canvas.draw()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    assert buf.getvalue().startswith(b"\x89PNG")
+    report.plt.close(fig)
+
+
+@pytest.mark.parametrize("names", NAME_SETS.values(), ids=NAME_SETS.keys())
+def test_figures_draw_class_names_with_markup_characters_literally(names: list[str], tmp_path: Path) -> None:
+    images, labels, probs = _predictions(len(names))
+    metrics = report.compute_metrics(probs, labels, names)
+    _draw(report.confusion_figure(metrics["confusion_matrix"], names))
+    _draw(report.confusion_figure(metrics["confusion_matrix"], names, normalize=True))
+    _draw(report.per_class_figure(metrics))
+    _draw(report.prediction_grid(images, labels, probs, names, title="$HOME/runs/$x$: a$b$c"))
+    _draw(report.data_grid_figure(images, labels, names, per_class=2))
+    _draw(report.corruption_figure({"$noise$": [{"accuracy": 0.5, "label": "σ $0.1$"}]}))
+    if printable("".join(names)) == "".join(names):
+        # (a class name that is not UTF-8 never reaches a report: data.py refuses its folder)
+        m = report.write_report(tmp_path / "r", probs, labels, images, names, {"model": "seed"}, grid=9)
+        assert list(m["per_class"]) == names  # the records keep the names as they are
+        assert all((tmp_path / "r" / f).is_file() for f in ("confusion.png", "per_class.png", "predictions.png"))
+
+
+@pytest.mark.parametrize("name", [*MARKUP_NAMES, "plain", "\\$", "a\\$b$"])
+def test_literal_text_is_never_math_and_draws_back_to_the_name(name: str) -> None:
+    text = report.literal(name, max_chars=1000)
+    assert not matplotlib.cbook.is_math_text(text)
+    assert text.replace("\\$", "$") == name  # what matplotlib draws for a text that is not math
+    assert len(report.literal("y" * 255)) <= report.MAX_LABEL
+
+
+def test_the_drawn_tick_labels_are_the_class_names_as_typed() -> None:
+    names = ["$x$", "a$b$c", "^_"]
+    fig = report.confusion_figure(np.eye(3), names)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    drawn = [t._preprocess_math(t.get_text()) for t in ax.get_xticklabels()]  # what the renderer gets
+    assert drawn == [(n, False) for n in names]
+    report.plt.close(fig)

@@ -1,23 +1,29 @@
-"""cifar-train end to end on tiny synthetic data: files written, init-from, resume, errors."""
+"""cifar-train: a run's files, init-from, resume, recipes, and the flags and inputs it refuses before a run exists."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import REPO, call, tiny_train_argv, write_imagefolder
+from conftest import call, copy_of_seed_run, one_error_line, probe_memory, tiny_train_argv, tree_state, write_imagefolder
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cifar_lightning import load_classifier
-from cifar_lightning.cli import train_main
+from cifar_lightning.cli import evaluate_main, export_main, train_main
+from cifar_lightning.errors import ConfigError, shown
 from cifar_lightning.inference import as_uint8_batch
+from cifar_lightning.recipes import read_yaml
 
 
 def run_train(argv: list[str]) -> int:
@@ -198,32 +204,6 @@ def test_a_refit_run_can_itself_be_resumed(imagefolder: Path, tmp_path: Path) ->
     assert results["epochs_run"] == 2 and results["config"]["init_from"].endswith("version_0/checkpoints/last.ckpt")
 
 
-@pytest.mark.subprocess
-def test_the_keras_benchmark_says_how_to_install_keras_when_it_is_missing() -> None:
-    probe = (
-        "import runpy, sys\n"
-        "sys.modules['keras'] = None\n"  # as if the optional extra were not installed
-        "sys.argv = ['benchmarks.keras', '--data-dir', 'nowhere']\n"
-        "runpy.run_module('benchmarks.keras', run_name='__main__', alter_sys=True)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 2 and "pip install -e '.[keras]'" in out.stderr
-
-
-@pytest.mark.subprocess
-def test_the_keras_benchmarks_torch_side_trains_one_epoch_per_turn(tmp_path: Path) -> None:
-    """The two systems take turns: each child trains an epoch only when told 'go', and stops
-    cleanly when its turns run out (the Keras side follows the same wait_turn)."""
-    tree = write_imagefolder(tmp_path / "tree", n_train=4, n_test=2)
-    argv = [sys.executable, "-m", "benchmarks.keras", "--data-dir", str(tree), "--epochs", "3",
-            "--batch-size", "8", "--log-dir", str(tmp_path / "logs"), "--system", "ours", "--ours", "accelerator=cpu"]  # fmt: skip
-    out = subprocess.run(argv, input="go\ngo\n", capture_output=True, text=True, cwd=REPO, timeout=300)
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert [(r["system"], r["epoch"], r["images"]) for r in rows] == [("ours", 1, 40), ("ours", 2, 40)]
-    assert all(r["seconds"] > 0 and 0 <= r["test_acc"] <= 1 for r in rows)
-
-
 @pytest.mark.train
 def test_a_run_trains_with_the_alternating_flip_and_refuses_it_without_crop_flip_augmentation(tmp_path: Path) -> None:
     tree = write_imagefolder(tmp_path / "tree", n_train=4, n_test=2)
@@ -277,3 +257,148 @@ def test_a_resume_keeps_its_preset_and_needs_its_config(tmp_path: Path) -> None:
     stray.write_bytes(b"x")
     with pytest.raises(ConfigError, match="config.yaml"):
         runs.resolve_recipe({"resume": str(stray)})
+
+
+# ----------------------------------------------------------------------------- relative paths
+
+
+def test_a_run_started_elsewhere_evaluates_and_exports_from_any_directory(run, tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    shutil.copytree(run["tree"], tmp_path / "a" / "tree")
+    monkeypatch.chdir(tmp_path / "a")
+    assert call(train_main, tiny_train_argv("tree", "logs", "--precision", "64-true")) == 0  # relative paths, 64-bit weights
+    monkeypatch.chdir(tmp_path / "b")
+    ckpt = tmp_path / "a" / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert call(evaluate_main, [str(ckpt), "--no-download", "--accelerator", "cpu"]) == 0
+    assert call(export_main, [str(ckpt), "--format", "onnx", "--out", "m.onnx"]) == 0
+    assert f"test images of {tmp_path / 'a' / 'tree'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["m.onnx", "m.onnx.json"]
+
+
+# ----------------------------------------------------------------------------- options and inputs checked before anything is created
+
+
+def test_non_finite_hyper_parameters_are_refused_up_front(run, tmp_path: Path, capsys) -> None:
+    for flag in ("--lr", "--weight-decay", "--momentum"):
+        assert call(train_main, tiny_train_argv(run["tree"], tmp_path / "logs", flag, "inf")) == 2
+        assert flag in one_error_line(capsys)
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--label-smoothing", "1.5"], "--label-smoothing"),
+        (["--precision", "16-true"], "--precision 16-true"),
+        (["--strategy", "nosuch"], "--strategy"),
+        (["--seed", "100000000000000000000"], "--seed"),
+        (["--max-time", "inf"], "--max-time"),
+        (["--num-nodes", "2"], "--num-nodes"),
+    ],
+)
+def test_options_are_checked_before_anything_is_created(run, tmp_path: Path, capsys, extra: list[str], says: str) -> None:
+    for key in ("WORLD_SIZE", "SLURM_NTASKS", "MASTER_ADDR", "NODE_RANK"):
+        assert key not in os.environ  # the multi-node case relies on no launcher being present
+    assert call(train_main, tiny_train_argv(run["tree"], tmp_path / "logs", *extra)) == 2
+    assert says in one_error_line(capsys)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_yaml_value_of_the_wrong_type_names_its_option(run, tmp_path: Path, capsys) -> None:
+    (tmp_path / "r.yaml").write_text("lr: abc\n")
+    assert call(train_main, [*tiny_train_argv(run["tree"], tmp_path / "logs"), "--config", str(tmp_path / "r.yaml")]) == 2
+    assert "--lr" in one_error_line(capsys)
+
+
+def test_a_data_or_log_dir_whose_name_is_not_utf8_is_refused_before_training(tmp_path: Path, capsys) -> None:
+    odd = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))  # a name a run record (YAML, JSON) cannot hold
+    for flag in ("--data-dir", "--log-dir"):
+        argv = tiny_train_argv(tmp_path / "tree", tmp_path / "logs", flag, odd)
+        assert call(train_main, argv) == 2
+        line = one_error_line(capsys)
+        assert flag in line and "UTF-8" in line
+        line.encode("utf-8")  # the message itself is printable
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_log_dir_inside_the_data_is_refused_before_anything_is_written(run, tmp_path: Path, capsys) -> None:
+    tree = Path(shutil.copytree(run["tree"], tmp_path / "tree"))
+    link = tmp_path / "T"
+    link.symlink_to(tree, target_is_directory=True)
+    before = tree_state(tree)
+    for logs in (tree / "train", link / "train" / "cat", tree / "x" / ".." / "test"):
+        assert call(train_main, tiny_train_argv(tree, logs)) == 2
+        line = one_error_line(capsys)
+        assert "--log-dir" in line and "inside the data dir" in line
+    assert tree_state(tree) == before and sorted(p.name for p in (tree / "train").iterdir()) == sorted(os.listdir(run["tree"] / "train"))
+
+
+@pytest.mark.parametrize(("extra", "says"), [(["--data-dir", "ELEVEN"], "11 ("), (["--lr", "0.5"], "--lr")],
+                         ids=["eleven-classes", "other-lr"])  # fmt: skip
+def test_a_resume_that_cannot_go_ahead_leaves_the_run_as_it_was(run, tmp_path: Path, capsys, extra: list[str], says: str) -> None:
+    _, moved = copy_of_seed_run((run["tree"], run["run"]), tmp_path / "copy")
+    eleven = write_imagefolder(tmp_path / "eleven", n_train=3, n_test=1, classes=[*sorted(os.listdir(run["tree"] / "train")), "zebra"])
+    extra = [str(eleven) if a == "ELEVEN" else a for a in extra]
+    before = tree_state(moved)
+    assert call(train_main, ["--resume", str(moved / "checkpoints" / "last.ckpt"), "--epochs", "2", "--no-progress-bar", *extra]) == 2
+    assert says in one_error_line(capsys)
+    assert tree_state(moved) == before
+
+
+def test_a_diverging_run_never_writes_a_checkpoint_with_non_finite_weights(run, tmp_path: Path, capsys) -> None:
+    logs = tmp_path / "logs"
+    code = call(train_main, tiny_train_argv(run["tree"], logs, "--lr", "1e30", "--optimizer", "sgd", "--epochs", "2"))
+    assert code == 1 and "non-finite" in capsys.readouterr().err.lower().replace("nan", "non-finite")
+    for ckpt in logs.rglob("*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()), ckpt
+
+
+# ----------------------------------------------------------------------------- recipes of untrusted size
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdef", "bcdefg", strict=True)
+) + "epochs: [*g, *g, *g, *g, *g, *g, *g, *g, *g]\n"
+
+
+def test_a_yaml_with_aliases_is_refused_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases") as e:
+        read_yaml(path)
+    assert time.perf_counter() - t0 < 2 and len(str(e.value)) < 300
+
+
+@settings(max_examples=40, deadline=None)
+@given(depth=st.integers(1, 6), fan=st.integers(1, 9), key=st.sampled_from(["epochs", "lr", "widths", "data_dir", "preset"]))
+def test_generated_yaml_with_aliases_is_refused_and_the_error_is_short(tmp_path_factory, depth: int, fan: int, key: str) -> None:
+    lines = ["l0: &l0 [lol]"] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan)}]" for i in range(1, depth + 1)]
+    path = tmp_path_factory.mktemp("yaml") / "r.yaml"
+    path.write_text("\n".join([*lines, f"{key}: *l{depth}"]) + "\n")
+    with pytest.raises(ConfigError) as e:
+        read_yaml(path)
+    assert len(str(e.value)) < 300
+
+
+def test_a_huge_value_is_quoted_bounded() -> None:
+    nested: list = ["lol"] * 9
+    for _ in range(8):
+        nested = [nested] * 9  # 9**9 items if walked: shown() must not walk them
+    assert len(shown(nested)) <= 80 and len(shown("x" * 10_000_000)) <= 80
+
+
+def test_a_recipe_over_a_megabyte_is_refused_unparsed(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("epochs: 3\n" + "# padding\n" * 200_000)
+    with pytest.raises(ConfigError, match="MB"):
+        read_yaml(path)
+
+
+@pytest.mark.subprocess
+def test_a_yaml_bomb_is_one_line_within_a_gigabyte(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    proc = probe_memory("train_main", ["--config", str(path), "--print-config"])
+    assert proc.returncode == 2 and "aliases" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

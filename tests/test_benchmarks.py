@@ -1,0 +1,37 @@
+"""benchmarks/keras.py: the Keras benchmark without Keras installed, and its torch side taking turns."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, write_imagefolder
+
+
+@pytest.mark.subprocess
+def test_the_keras_benchmark_says_how_to_install_keras_when_it_is_missing() -> None:
+    probe = (
+        "import runpy, sys\n"
+        "sys.modules['keras'] = None\n"  # as if the optional extra were not installed
+        "sys.argv = ['benchmarks.keras', '--data-dir', 'nowhere']\n"
+        "runpy.run_module('benchmarks.keras', run_name='__main__', alter_sys=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "pip install -e '.[keras]'" in out.stderr
+
+
+@pytest.mark.subprocess
+def test_the_keras_benchmarks_torch_side_trains_one_epoch_per_turn(tmp_path: Path) -> None:
+    """The two systems take turns: each child trains an epoch only when told 'go', and stops
+    cleanly when its turns run out (the Keras side follows the same wait_turn)."""
+    tree = write_imagefolder(tmp_path / "tree", n_train=4, n_test=2)
+    argv = [sys.executable, "-m", "benchmarks.keras", "--data-dir", str(tree), "--epochs", "3",
+            "--batch-size", "8", "--log-dir", str(tmp_path / "logs"), "--system", "ours", "--ours", "accelerator=cpu"]  # fmt: skip
+    out = subprocess.run(argv, input="go\ngo\n", capture_output=True, text=True, cwd=REPO, timeout=300)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [(r["system"], r["epoch"], r["images"]) for r in rows] == [("ours", 1, 40), ("ours", 2, 40)]
+    assert all(r["seconds"] > 0 and 0 <= r["test_acc"] <= 1 for r in rows)
