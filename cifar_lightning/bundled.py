@@ -12,7 +12,6 @@ command-line help lists the names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from importlib import resources
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_lightning.errors import ModelError
+from cifar_lightning.fileio import sha256_of
 
 PREFIX = "pretrained:"
 #: the model a command uses when given none: the first of these that the package holds
@@ -81,18 +81,14 @@ def resolve(spec: str | Path) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def verify(spec: str, path: Path, record: dict[str, Any]) -> None:
     """The bundled weights and sidecar are the files index.json records (size and SHA-256),
     checked at every load: a changed copy (zeroed weights, another temperature) would still
-    claim the recorded accuracy. Hashing the 4 MB takes about 10 ms."""
+    claim the recorded accuracy. Hashing the 4 MB and its sidecar takes about 6 ms (BENCHMARKS.md, "Export check")."""
     side = path.with_name(path.name + ".json")
     try:
-        ok = (path.stat().st_size == record.get("size_bytes") and _sha256(path) == record.get("sha256")
-              and side.is_file() and _sha256(side) == record.get("sidecar_sha256"))  # fmt: skip
+        ok = (path.stat().st_size == record.get("size_bytes") and sha256_of(path) == record.get("sha256")
+              and side.is_file() and sha256_of(side) == record.get("sidecar_sha256"))  # fmt: skip
     except OSError:
         ok = False
     if not ok:

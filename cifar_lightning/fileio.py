@@ -221,7 +221,7 @@ def new_file(path: str | Path, overwrite: bool, *companions: Path) -> Path:
     user's earlier file at any of them is replaced only when asked, and a folder never."""
     out = Path(path)
     for p in (out, *companions):
-        if p.is_dir() or p.is_symlink() and not p.exists():
+        if p.is_dir() or (p.is_symlink() and not p.exists()):
             raise ConfigError(f"--out {out}: {p} is a folder or a broken link, where a file would be written; choose another path")
         if p.exists() and not overwrite:
             raise ConfigError(f"--out {out}: {'it' if p == out else p.name} exists; pass --overwrite or choose another path")

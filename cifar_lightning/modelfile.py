@@ -386,7 +386,10 @@ def path_of(spec: str | Path) -> Path:
 
 def kind_of(spec: str | Path) -> Kind:
     """The kind of the model a spec names: by its first bytes, else by its suffix."""
-    path = path_of(spec)
+    return _kind_of_file(path_of(spec))
+
+
+def _kind_of_file(path: Path) -> Kind:
     name = _sniff(path)
     if name:
         return KINDS[name]
@@ -407,8 +410,8 @@ def open_model(spec: str | Path, device: str = "cpu", checkpoint: dict | None = 
     """A path or ``pretrained:NAME`` -> its kind, metadata, weights and network on ``device``
     (or on the CPU, for a kind that runs only there). ``checkpoint``: one already read from
     this path, so the file is read once."""
-    kind = kind_of(spec)
-    path = path_of(spec)
+    path = path_of(spec)  # resolved (and a bundled file hash-checked) once
+    kind = _kind_of_file(path)
     net, meta = kind.loader(path, checkpoint)
     ckpt = meta.pop("checkpoint", None)
     where = kind.device(device)

@@ -254,7 +254,7 @@ def _png_data_url(pixels: np.ndarray) -> str:
 
 def model_info(model: str | Path, clf: Any) -> dict[str, Any]:
     """What GET /info says: enough to tell which model answers and how good it is."""
-    path = bundled.resolve(model)
+    path = Path(clf.source)  # the file the classifier was loaded from (a bundled one already checked)
     info = clf.info
     accuracy = info.get("test_accuracy")
     if accuracy is None and info.get("kind") == "checkpoint":
