@@ -73,14 +73,18 @@ def _duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def training_flops_per_image(net: torch.nn.Module, device: torch.device | str = "cpu") -> int:
+def training_flops_per_image(net: torch.nn.Module, device: torch.device | str = "cpu", whiten_bias: bool | None = None) -> int:
     """FLOPs of one training image, forward and backward (convolutions and matmuls, torch's own
     count), measured on a copy of ``net`` so that its weights, gradients and BatchNorm
     statistics stay untouched, and on a forked random generator, so that a seeded or resumed run
-    draws exactly what it would have drawn without it."""
+    draws exactly what it would have drawn without it. ``whiten_bias``: count with the whitening
+    layer's bias trained or frozen (None: as it is now); trained, it costs the first conv's
+    input gradient too."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         probe = copy.deepcopy(net).train()
+        if whiten_bias is not None and hasattr(probe, "whiten"):
+            probe.whiten.bias.requires_grad_(whiten_bias)
         x = torch.zeros(2, 3, 32, 32, device=device, dtype=next(net.parameters()).dtype)  # 64-true runs too
         counter = FlopCounterMode(display=False)
         with counter:
@@ -88,17 +92,38 @@ def training_flops_per_image(net: torch.nn.Module, device: torch.device | str = 
     return counter.get_total_flops() // 2
 
 
+def phase_flops(module: L.LightningModule, epochs: int) -> list[tuple[int, int]]:
+    """(epochs, FLOPs of one training image) for each phase of a run: the whitening bias trains
+    for the first ``whiten_bias_epochs`` epochs only (``ImageClassifier.on_train_batch_start``;
+    0: throughout), and a step after that costs less (no input gradient for the first conv)."""
+    net, device = module.net, module.device
+    trained = getattr(module.hparams, "whiten_bias_epochs", 0) if hasattr(net, "whiten") else 0
+    if not trained:
+        return [(epochs, training_flops_per_image(net, device))]
+    early = min(trained, epochs)
+    phases = [(early, training_flops_per_image(net, device, whiten_bias=True))]
+    return phases + ([(epochs - early, training_flops_per_image(net, device, whiten_bias=False))] if epochs > early else [])
+
+
 class RunEstimate(L.Callback):
     """Says early how long the run will take here: the recipe's training PFLOP when training
-    starts, then, after its first timed steps (the very first is a warm-up), the whole run's
-    training time on this machine, from its own median step. Machines differ by 5-6x (an AMX
-    CPU in bf16 against an AVX2-only one in fp32), so a figure measured elsewhere would mislead.
-    A long run names a faster preset."""
+    starts, then, after its first timed steps, the whole run's training time on this machine.
+    Machines differ by 5-6x (an AMX CPU in bf16 against an AVX2-only one in fp32), so a figure
+    measured elsewhere would mislead. A long run names a faster preset.
 
-    def __init__(self, faster_preset: str | None = None, timed_steps: int = 3, long_seconds: float = 20 * 60) -> None:
+    The first ``warmup_steps`` are not the steady state (kernels chosen, memory first touched:
+    on a 2-core EPYC steps 2-4 ran 12% over the run's median step), so the median of the
+    ``timed_steps`` after them is the step time; a later phase's steps (the whitening bias
+    frozen) are scaled by their FLOPs. Measured against the training that followed:
+    docs/BENCHMARKS.md, "The default run on each kind of machine"."""
+
+    def __init__(self, faster_preset: str | None = None, timed_steps: int = 6, long_seconds: float = 20 * 60,
+                 warmup_steps: int = 4) -> None:  # fmt: skip
         self.faster_preset, self.timed_steps, self.long_seconds = faster_preset, timed_steps, long_seconds
+        self.warmup_steps = warmup_steps
         self._times: list[float] = []
         self._start = 0.0
+        self._phases: list[tuple[int, int]] = []
         self.estimate_seconds: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -106,9 +131,11 @@ class RunEstimate(L.Callback):
         if not trainer.is_global_zero:
             return
         dm = trainer.datamodule
-        images = len(dm.train_set) * max(trainer.max_epochs or 1, 1) if getattr(dm, "train_set", None) is not None else 0
-        flops = training_flops_per_image(pl_module.net, pl_module.device) * images
-        print(f"training: {flops / 1e15:.3f} PFLOP ({images:,} images seen, forward and backward)", flush=True)
+        epochs = max(trainer.max_epochs or 1, 1)
+        per_epoch = len(dm.train_set) if getattr(dm, "train_set", None) is not None else 0
+        self._phases = phase_flops(pl_module, epochs)
+        flops = per_epoch * sum(n * f for n, f in self._phases)
+        print(f"training: {flops / 1e15:.3f} PFLOP ({per_epoch * epochs:,} images seen, forward and backward)", flush=True)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:  # noqa: ANN001
         self._start = time.perf_counter()
@@ -117,17 +144,34 @@ class RunEstimate(L.Callback):
         if self.estimate_seconds is not None or not trainer.is_global_zero:
             return
         self._times.append(time.perf_counter() - self._start)
-        if len(self._times) < self.timed_steps + 1:
-            return
-        step = statistics.median(self._times[1:])
         total = int(pl_module.total_steps())
-        self.estimate_seconds = step * total
-        left = step * max(total - trainer.global_step, 0)
+        # A short run is timed on what it has: its steps after the first (always a warm-up).
+        skip = min(self.warmup_steps, max(total - 1 - self.timed_steps, 1))
+        if len(self._times) < min(skip + self.timed_steps, total):
+            return
+        step = statistics.median(self._times[skip:] or self._times)
+        self.estimate_seconds = step * self.relative_steps(trainer, total, 0)
+        left = step * self.relative_steps(trainer, total, trainer.global_step)
         line = (f"estimate: {total} steps at {step:.2f} s a step ({trainer.precision}, measured on the first steps here): "
                 f"about {_duration(self.estimate_seconds)} of training in all, {_duration(left)} of it left")  # fmt: skip
         if self.estimate_seconds > self.long_seconds and self.faster_preset:
             line += f"; for a quicker run try --preset {self.faster_preset}"
         print(line, flush=True)
+
+    def relative_steps(self, trainer: L.Trainer, total: int, done: int) -> float:
+        """The steps from ``done`` to ``total``, each weighted by its phase's FLOPs over those of
+        the phase timed now (the one ``trainer.current_epoch`` is in)."""
+        per_epoch = total / max(sum(n for n, _ in self._phases), 1)
+        first, timed = 0, None
+        for n, f in self._phases:
+            timed = f if timed is None and trainer.current_epoch < first + n else timed
+            first += n
+        timed = timed or (self._phases[-1][1] if self._phases else 1)
+        weight, first = 0.0, 0
+        for n, f in self._phases or [(1, 1)]:
+            weight += max((first + n) * per_epoch - max(first * per_epoch, done), 0) * f / timed
+            first += n
+        return weight
 
 
 class TensorBoardImages(L.Callback):

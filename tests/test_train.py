@@ -402,3 +402,37 @@ def test_a_yaml_bomb_is_one_line_within_a_gigabyte(tmp_path: Path) -> None:
     path.write_text(BOMB)
     proc = probe_memory("train_main", ["--config", str(path), "--print-config"])
     assert proc.returncode == 2 and "aliases" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_printed_flops_price_the_whitening_bias_only_while_it_trains() -> None:
+    """The whitening bias trains for the first whiten_bias_epochs only; after that its gradient
+    (and the first conv's input gradient it needs) is never computed, so it is not counted."""
+    from cifar_lightning.callbacks import phase_flops, training_flops_per_image
+    from cifar_lightning.module import ImageClassifier
+
+    def module(epochs_of_bias: int) -> ImageClassifier:
+        return ImageClassifier(model="fast", model_args={"widths": [8, 16, 16]}, whiten_bias_epochs=epochs_of_bias)
+
+    m = module(2)
+    trained, frozen = training_flops_per_image(m.net, whiten_bias=True), training_flops_per_image(m.net, whiten_bias=False)
+    assert trained > frozen > 0
+    assert phase_flops(m, 5) == [(2, trained), (3, frozen)]
+    assert phase_flops(m, 1) == [(1, trained)]  # a run shorter than the bias phase
+    assert phase_flops(module(0), 5) == [(5, trained)]  # 0: the bias trains throughout
+    assert m.net.whiten.bias.requires_grad  # the count touched a copy only
+
+
+def test_the_run_estimate_scales_each_phase_by_its_flops() -> None:
+    """Timed while the whitening bias still trains, the later (cheaper) steps count at their
+    FLOPs' share; timed after, every step left costs the same."""
+    from types import SimpleNamespace
+
+    from cifar_lightning.callbacks import RunEstimate
+
+    est = RunEstimate()
+    est._phases = [(3, 110), (8, 100)]  # epochs, FLOPs per image: 11 epochs of 47 steps
+    assert est.relative_steps(SimpleNamespace(current_epoch=0), 517, 0) == pytest.approx(141 + 376 * 100 / 110)
+    assert est.relative_steps(SimpleNamespace(current_epoch=5), 517, 235) == pytest.approx(517 - 235)
+    assert est.relative_steps(SimpleNamespace(current_epoch=1), 517, 60) == pytest.approx(141 - 60 + 376 * 100 / 110)
+    est._phases = [(11, 100)]
+    assert est.relative_steps(SimpleNamespace(current_epoch=4), 517, 200) == pytest.approx(317)
