@@ -3,6 +3,12 @@ as training runs), TorchScript and onnxruntime, measured in one run, with ratios
 Prints; asserts nothing.
 
     python -m benchmarks.inference lightning_logs/version_0/checkpoints/last.ckpt [--seconds 3]
+    python -m benchmarks.inference pretrained:94 --views [--data-dir ../shared/data/cifar10]
+
+``--views``: the test set scored as a run's final test and ``cifar-evaluate`` score it
+(``Classifier.score``), at test-time views level 3 (six views on every image), 2 (the four
+shifted ones only where the model is unsure) and 1: accuracy, ECE, images through the network
+per test image, seconds, and the ratio against level 3.
 
 Inference computes in float32 in every engine, so the images/s are also given normalised by the
 fp32 3x3 conv reference measured in the same run (normalised images/s = raw / (rate / 1000
@@ -14,17 +20,21 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import call_times, machine, rate_label, reference_rate
+from benchmarks.harness import DEFAULT_DATA, call_times, machine, rate_label, reference_rate
+from cifar_lightning.data import load_splits
 from cifar_lightning.export import check_images, export
-from cifar_lightning.inference import OnnxNetwork
+from cifar_lightning.inference import load_classifier
+from cifar_lightning.modelfile import OnnxNetwork
 from cifar_lightning.models import with_tta
 from cifar_lightning.module import ImageClassifier
+from cifar_lightning.recipes import TTA_LEVELS
 
 #: what every engine computes in (load_classifier and the exports are float32)
 PRECISION = "32-true"
@@ -38,18 +48,53 @@ def throughput(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, seco
     return len(x) / (sum(times) / len(times))
 
 
+class Counted(torch.nn.Module):
+    """A network that counts the images it is run on."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.images = net, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += len(x)
+        return self.net(x)
+
+
+def views(spec: str, data_dir: str) -> None:
+    test = load_splits(data_dir, download=False)["test"]
+    rate = reference_rate(PRECISION)
+    print(f"{machine()}; {spec} on the {len(test.labels):,} test images; reference: {rate_label(PRECISION, rate)}")
+    print(f"{'level':<7}{'accuracy':>10}{'ECE':>8}{'views':>7}{'seconds':>9}{'vs 3':>7}")
+    full = None
+    for level in (3, 2, 1):
+        clf = load_classifier(spec, tta=level)
+        clf.score(test.images[:500], test.labels[:500])  # warm-up
+        clf.network.net = counted = Counted(clf.network.net)
+        start = time.perf_counter()
+        scored = clf.score(test.images, test.labels)
+        seconds = time.perf_counter() - start
+        full = full or seconds
+        print(f"{level:<7}{scored['accuracy']:>10.2%}{scored['ece']:>8.4f}{counted.images / len(test.labels):>7.2f}"
+              f"{seconds:>9.1f}{seconds / full:>6.2f}x", flush=True)  # fmt: skip
+    print(f"reference after: {rate_label(PRECISION, reference_rate(PRECISION))}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a .ckpt; with --views any model (pretrained:94, an export...)")
     p.add_argument("--seconds", type=float, default=3.0, help="timing per measurement")
     p.add_argument("--batch-sizes", default="1,256")
-    p.add_argument("--tta", type=int, choices=(0, 1, 2), help="test-time views in every engine (default: the checkpoint's)")
+    p.add_argument("--tta", type=int, choices=TTA_LEVELS, help="test-time views in every engine (default: the checkpoint's)")
+    p.add_argument("--views", action="store_true", help="time the test set at views levels 3, 2 and 1 instead")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="for --views")
     args = p.parse_args()
+    if args.views:
+        return views(args.checkpoint, args.data_dir)
     ckpt = Path(args.checkpoint)
     module = ImageClassifier.from_checkpoint(ckpt)
     images, _ = check_images(ckpt, None, 256, download=False, random_ok=True)
     tta = module.hparams.tta if args.tta is None else args.tta
-    net = with_tta(module.net.eval(), tta)
+    net = with_tta(module.net.eval(), tta, module.temperature)
     rate = reference_rate(PRECISION)
     with tempfile.TemporaryDirectory() as tmp:
         export(module, ckpt, "onnx", Path(tmp) / "m.onnx", images, tta=tta)

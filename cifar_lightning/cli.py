@@ -208,7 +208,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file; its metadata goes to OUT.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--tta", type=int, choices=TTA_LEVELS,
-                   help="test-time views built into the export: 0 the plain network, 1 + mirror, 2 + translations "
+                   help="test-time views built into the export: 0 the plain network, 1 + mirror, 2 + translations where unsure, 3 on all "
                    "(default: the checkpoint's own, so the export scores what the checkpoint scored)")  # fmt: skip
     p.add_argument("--data-dir", help="test images for the check (default: the run's data dir)")
     p.add_argument("--check-images", dest="n_check", metavar="N", type=_positive_int, default=256, help="test images checked (default 256)")

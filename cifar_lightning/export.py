@@ -119,7 +119,7 @@ def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_
     net = module.net.eval().to(memory_format=torch.contiguous_format)
     meta = metadata(module, ckpt_path, fmt, level, calibrate, half)
     in_graph = module.temperature if meta["temperature_in_graph"] else 1.0
-    reference = models.with_tta(net, level)
+    reference = models.with_tta(net, level, module.temperature)
     reference = (Tempered(reference, in_graph) if in_graph != 1.0 else reference).eval()
     example = check_images[:2].contiguous()
     if fmt == "safetensors":
@@ -200,7 +200,7 @@ def _logits_of(path: Path, fmt: str, meta: dict, images: torch.Tensor) -> torch.
                 warnings.simplefilter("ignore")
                 return torch.jit.load(str(path), map_location="cpu")(images)
         net, _ = KINDS[fmt].loader(path, None)
-        net = models.with_tta(net, meta["tta"]) if KINDS[fmt].weights else net
+        net = models.with_tta(net, meta["tta"], meta.get("temperature") or 1.0) if KINDS[fmt].weights else net
         return net(images)  # raw logits for weights; a graph's, with what it bakes in
 
 

@@ -174,7 +174,7 @@ def classifier_of(model: OpenedModel, tta: int | None = None, calibrate: bool = 
     meta, names = model.meta, model.class_names
     if model.kind.weights:
         level = meta.get("tta", 0) if tta is None else tta
-        net = models.with_tta(model.network, level).to(model.device)
+        net = models.with_tta(model.network, level, model.temperature).to(model.device)
     else:
         level, net = meta.get("tta", 0), model.network
         out = net(torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE))[:1]  # two images: the scores must follow the batch

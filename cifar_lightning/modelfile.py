@@ -245,6 +245,8 @@ PT2_OPERATORS = frozenset(f"torch.ops.aten.{op}" for op in (
     "avg_pool2d.default", "adaptive_avg_pool2d.default", "linear.default", "flatten.using_ints", "flip.default",
     "pad.default", "slice.Tensor", "add.Tensor", "mul.Tensor", "div.Tensor", "sub.Tensor", "cat.default", "mean.dim",
     "dropout.default", "view.default", "reshape.default", "permute.default", "amax.default", "sum.dim_IntList",
+    # --tta 2 (views where unsure): the confidence of the mirror views, and the pick
+    "softmax.int", "lt.Scalar", "where.self", "unsqueeze.default", "to.dtype", "_assert_tensor_metadata.default",
 ))  # fmt: skip
 _PT2_ENTRY = re.compile(r"[^/]+/(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|"
                         r"models/model\.json|data/sample_inputs/model\.pt|data/weights/(weight_\d+|model_weights_config\.json)|"

@@ -189,23 +189,43 @@ class FastNet(nn.Module):
         return self.head(self.layers(self.whiten(x))) * self.scaling_factor
 
 
-def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, level: int) -> torch.Tensor:
+#: level 2 runs its four shifted views only on images whose calibrated two-view confidence is
+#: below this (chosen on held-out images, docs/BENCHMARKS.md "Test-time views where unsure")
+UNSURE_BELOW = 0.95
+
+
+def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, level: int,
+               temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
     """Logits averaged over test-time views: level 0 the image alone; 1 the image and its
-    mirror; 2 also both shifted one pixel up-left and down-right (6 views, airbench's weights).
-    The one definition every path uses: training's test, evaluation, prediction, exports."""
+    mirror; 3 also both shifted one pixel up-left and down-right (6 views, airbench's weights);
+    2 the same six where the model is unsure (the top softmax probability of the two mirror
+    views, at ``temperature``, below UNSURE_BELOW) and the two mirror views elsewhere: about
+    half the cost of 3 at its accuracy. Decided image by image, so an image's scores never
+    depend on the rest of its batch. The one definition every path uses: training's test,
+    evaluation, prediction, exports (a traced graph computes all six views and picks)."""
     if level == 0:
         return forward(x)
 
     def mirror(v: torch.Tensor) -> torch.Tensor:
         return 0.5 * forward(v) + 0.5 * forward(v.flip(-1))
 
+    def six(v: torch.Tensor, two: torch.Tensor) -> torch.Tensor:
+        padded = torch.nn.functional.pad(v, (1, 1, 1, 1), mode="reflect")
+        h, w = v.shape[-2:]
+        return 0.5 * two + 0.5 * (0.5 * mirror(padded[..., :h, :w]) + 0.5 * mirror(padded[..., 2:, 2:]))
+
     logits = mirror(x)
     if level == 1:
         return logits
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-    h, w = x.shape[-2:]
-    shifted = 0.5 * mirror(padded[..., :h, :w]) + 0.5 * mirror(padded[..., 2:, 2:])
-    return 0.5 * logits + 0.5 * shifted
+    if level == 3:
+        return six(x, logits)
+    unsure = (logits.float() / temperature).softmax(-1).amax(-1) < UNSURE_BELOW
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return torch.where(unsure[:, None], six(x, logits), logits)  # a graph: no data-dependent shapes
+    idx = unsure.nonzero().flatten()
+    if len(idx) == 0:
+        return logits
+    return logits.index_copy(0, idx, six(x[idx], logits[idx]).to(logits.dtype))
 
 
 class WithTTA(nn.Module):
@@ -213,14 +233,15 @@ class WithTTA(nn.Module):
     exports carry, so an exported model classifies exactly as the checkpoint did in training's
     test and in cifar-evaluate."""
 
-    def __init__(self, net: nn.Module, level: int) -> None:
+    def __init__(self, net: nn.Module, level: int, temperature: float = 1.0) -> None:
         super().__init__()
-        self.net, self.level = net, int(level)
+        self.net, self.level, self.temperature = net, int(level), float(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tta_logits(self.net, x, self.level)
+        return tta_logits(self.net, x, self.level, self.temperature)
 
 
-def with_tta(net: nn.Module, level: int) -> nn.Module:
-    """``net`` with its test-time views (``net`` itself at level 0)."""
-    return WithTTA(net, level) if level else net
+def with_tta(net: nn.Module, level: int, temperature: float = 1.0) -> nn.Module:
+    """``net`` with its test-time views (``net`` itself at level 0); ``temperature``: the model's
+    own, with which level 2 judges where it is unsure."""
+    return WithTTA(net, level, temperature) if level else net

@@ -156,7 +156,7 @@ class ImageClassifier(L.LightningModule):
 
     def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits averaged over the model's test-time views (``tta``; see ``models.tta_logits``)."""
-        return models.tta_logits(self, x, self.hparams.tta)
+        return models.tta_logits(self, x, self.hparams.tta, self.temperature)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

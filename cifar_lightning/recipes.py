@@ -32,7 +32,7 @@ from cifar_lightning.errors import ConfigError, shown
 OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULES = ("none", "cosine", "onecycle", "triangle")
 #: test-time augmentation: 0 none, 1 + mirror, 2 + mirror and 1-px translations (6 views)
-TTA_LEVELS = (0, 1, 2)
+TTA_LEVELS = (0, 1, 2, 3)
 AUGMENTS = ("none", "seed", "standard", "robust")
 #: how a run fits its softmax temperature after training (the test set never takes part)
 CALIBRATIONS = ("auto", "heldout", "val", "none")
@@ -95,7 +95,7 @@ class TrainConfig(BaseModel):
     whiten_bias_epochs: int = knob(0, "fast network: epochs its whitening bias trains before it is frozen", ge=0)
     widths: list[int] | None = knob(None, "fast network: channels of its three conv groups, e.g. 64,256,256")
     depth: Literal[(2, 3)] = knob(2, "fast network: convolutions per group; 3 adds a residual pair to each (airbench96's)")
-    tta: Literal[TTA_LEVELS] = knob(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror+translate (kept by exports)")
+    tta: Literal[TTA_LEVELS] = knob(0, "test-time views: 0 none, 1 mirror, 2 + translations where unsure, 3 + translations on all")
     lookahead: bool = knob(False, "lookahead weight averaging (airbench's)")
     # data
     data_dir: str = knob("data", "CIFAR-10 folder: an image-folder tree train|test/<class>/ or torchvision's")

@@ -1,4 +1,4 @@
-"""benchmarks/keras.py: the Keras benchmark without Keras installed, and its torch side taking turns."""
+"""benchmarks/keras.py: the Keras benchmark without Keras installed, and its torch side taking turns; benchmarks/inference.py --views."""
 
 from __future__ import annotations
 
@@ -35,3 +35,24 @@ def test_the_keras_benchmarks_torch_side_trains_one_epoch_per_turn(tmp_path: Pat
     assert out.returncode == 0, out.stderr[-2000:]
     assert [(r["system"], r["epoch"], r["images"]) for r in rows] == [("ours", 1, 40), ("ours", 2, 40)]
     assert all(r["seconds"] > 0 and 0 <= r["test_acc"] <= 1 for r in rows)
+
+
+def test_the_views_benchmark_scores_each_level_and_runs_fewer_images_at_2(tmp_path: Path, capsys) -> None:
+    """benchmarks.inference --views: levels 3, 2, 1 on a test set, each with the images it ran."""
+    from benchmarks import inference
+
+    tree = write_imagefolder(tmp_path / "tree", n_train=1, n_test=6)
+    inference.views("pretrained:94", str(tree))
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:1] in "123" and "%" in line]
+    assert [r[0] for r in rows] == ["3", "2", "1"]
+    per_image = {r[0]: float(r[3]) for r in rows}
+    assert per_image["3"] == 6 and per_image["1"] == 2 and 2 <= per_image["2"] <= 6
+
+
+def test_the_engines_benchmark_times_each_engine_of_a_checkpoint(trained, capsys, monkeypatch) -> None:
+    from benchmarks import inference
+
+    monkeypatch.setattr(sys, "argv", ["inference", str(trained["ckpt"]), "--seconds", "0.05", "--batch-sizes", "2"])
+    inference.main()
+    engines = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.rstrip().endswith("x")]
+    assert engines == ["eager", "eager", "TorchScript", "onnxruntime"]

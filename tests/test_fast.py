@@ -51,17 +51,50 @@ def test_tta_averages_the_mirror_and_shifted_views() -> None:
         mirror.load_state_dict(plain.state_dict())
         expected = 0.5 * plain(x) + 0.5 * plain(x.flip(-1))
         assert torch.allclose(mirror.tta_logits(x), expected, atol=1e-6)
-        # Level 2: half the mirror pair, a quarter each for the pair shifted by one pixel
+        # Level 3: half the mirror pair, a quarter each for the pair shifted by one pixel
         # towards the top-left and towards the bottom-right (borders reflected).
-        full = ImageClassifier(model="fast", tta=2).eval()
+        full = ImageClassifier(model="fast", tta=3).eval()
         full.load_state_dict(plain.state_dict())
         padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
         views = [x, padded[..., 0:32, 0:32], padded[..., 2:34, 2:34]]
         pairs = [0.5 * plain(v) + 0.5 * plain(v.flip(-1)) for v in views]
-        assert torch.allclose(full.tta_logits(x), 0.5 * pairs[0] + 0.25 * pairs[1] + 0.25 * pairs[2], atol=1e-6)
+        six = 0.5 * pairs[0] + 0.25 * pairs[1] + 0.25 * pairs[2]
+        assert torch.allclose(full.tta_logits(x), six, atol=1e-6)
         assert not torch.allclose(full.tta_logits(x), mirror.tta_logits(x), atol=1e-6)
     with pytest.raises(ValueError, match="--tta"):
-        ImageClassifier(model="fast", tta=3)
+        ImageClassifier(model="fast", tta=4)
+
+
+def test_tta_2_runs_the_shifted_views_only_where_the_model_is_unsure() -> None:
+    torch.manual_seed(0)
+    net = models.build("fast", widths=[8, 16, 16]).eval()
+    x = torch.randn(6, 3, 32, 32)
+    calls: list[int] = []
+
+    def counted(v: torch.Tensor) -> torch.Tensor:
+        calls.append(len(v))
+        return net(v)
+
+    with torch.no_grad():
+        two, six = models.tta_logits(net, x, 1), models.tta_logits(net, x, 3)
+        # From every image sure (a sharp temperature) to none (a flat one), through mixes.
+        mixes = 0
+        for temperature in torch.logspace(-3, 3, 25).tolist():
+            calls.clear()
+            got = models.tta_logits(counted, x, 2, temperature)
+            unsure = (two / temperature).softmax(-1).amax(-1) < models.UNSURE_BELOW
+            assert torch.allclose(got, torch.where(unsure[:, None], six, two), atol=1e-5)
+            mixes += 0 < int(unsure.sum()) < len(x)
+            # The shifted views run on the unsure images only, and an image alone scores as in its batch.
+            assert sum(calls) == 2 * len(x) + 4 * int(unsure.sum())
+            for i in range(len(x)):
+                assert torch.allclose(models.tta_logits(net, x[i : i + 1], 2, temperature), got[i : i + 1], atol=1e-5)
+        assert mixes > 0
+        assert torch.equal(models.tta_logits(net, x, 2, 1e-3), two)  # all sure: the mirror views alone
+    # An exported graph computes every view and picks: the same scores.
+    graph = torch.export.export(models.with_tta(net, 2, 0.05), (x,)).module()
+    with torch.no_grad():
+        assert torch.allclose(graph(x), models.tta_logits(net, x, 2, 0.05), atol=1e-5)
 
 
 def test_batchnorm_shifts_get_their_own_learning_rate_and_decay() -> None:
