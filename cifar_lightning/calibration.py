@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from cifar_lightning.errors import CheckpointError
+from cifar_lightning.recipes import T_RANGE
 
 N_BINS = 15  # ECE bins, everywhere ECE is reported (torchmetrics, L1)
 
-
-T_RANGE = (0.01, 100.0)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

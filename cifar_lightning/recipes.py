@@ -35,7 +35,9 @@ SCHEDULES = ("none", "cosine", "onecycle", "triangle")
 TTA_LEVELS = (0, 1, 2, 3)
 AUGMENTS = ("none", "seed", "standard", "robust")
 #: how a run fits its softmax temperature after training (the test set never takes part)
-CALIBRATIONS = ("auto", "heldout", "val", "none")
+CALIBRATIONS = ("auto", "heldout", "val", "fixed", "none")
+#: the softmax temperatures a run can fit or be given (calibration.fit_temperature searches these)
+T_RANGE = (0.01, 100.0)
 PRECISIONS = ("auto", "64-true", "64", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 DATA_SOURCES = ("auto", "imagefolder", "cifar10")
@@ -106,8 +108,11 @@ class TrainConfig(BaseModel):
     limit_train_images: int | None = knob(None, "train on the first N images of the split", ge=1)
     num_workers: int = knob(0, "DataLoader workers; the data is in memory, so 0 is fastest", ge=0)
     calibrate: Literal[CALIBRATIONS] = knob("auto", "fit a softmax temperature after training on: heldout (calib_size training images kept "
-                          "out), val (the validation split), none; auto: val if there is one, else heldout")
+                          "out), val (the validation split); fixed: take --temperature, no image held out; none; "
+                          "auto: val if there is one, else heldout")
     calib_size: int = knob(2000, "training images held out to fit the temperature (calibrate heldout; at most a tenth of them)", ge=1)
+    temperature: float | None = knob(None, "calibrate fixed: the temperature, fitted once on held-out images of the same recipe",
+                                     ge=T_RANGE[0], le=T_RANGE[1])
     # augmentation
     augment: Literal[AUGMENTS] = knob("none", "none | seed (the notebook's ops) | standard (crop+flip) | robust (+ JPEG, noise, "
                                       "blur), on the device")
@@ -242,7 +247,7 @@ SECTIONS = {
                                "momentum", "muon_lr", "muon_momentum", "norm_bias_lr_scale", "warmup_fraction", "whiten_bias_epochs",
                                "widths", "depth", "tta", "lookahead"),
     "data": ("data_dir", "data_source", "download", "val_size", "split_seed", "limit_train_images", "num_workers", "calibrate",
-             "calib_size"),
+             "calib_size", "temperature"),
     "augmentation (on the device, training batches only)": ("augment", *AUGMENT_RANGES, "alternate_flip", "robust_from"),
     "trainer": ("accelerator", "devices", "strategy", "num_nodes", "precision", "seed", "deterministic", "max_time",
                 "channels_last", "progress_bar"),

@@ -141,6 +141,8 @@ def check_before_start(cfg: TrainConfig) -> None:
                           f"use at least {1 / cfg.epochs:.3g}, or 0")  # fmt: skip
     if cfg.calibrate == "val" and cfg.val_size == 0:
         raise ConfigError("--calibrate val needs a validation split (--val-size > 0); use --calibrate heldout or auto")
+    if cfg.calibrate == "fixed" and cfg.temperature is None:
+        raise ConfigError("--calibrate fixed needs --temperature T (fitted once on held-out images of the same recipe)")
     if cfg.strategy != "auto" and cfg.strategy not in StrategyRegistry.available_strategies():
         raise ConfigError(f"--strategy {cfg.strategy!r}: not a Lightning strategy; e.g. auto, ddp, ddp_spawn, fsdp")
     device_for(cfg.accelerator)  # an accelerator this machine lacks: one line, before anything
@@ -320,10 +322,10 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, classes: list[str], checkpoin
 
 
 def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, checkpoints: Checkpoints,
-                 calibrate: str = "none") -> tuple[dict, str]:  # fmt: skip
+                 calibrate: str = "none", temperature: float | None = None) -> tuple[dict, str]:  # fmt: skip
     """Step 4: train (resuming if asked), fit the softmax temperature of the final checkpoints
-    (``calibrate``: 'heldout', 'val' or 'none'), then test the chosen one on the test set.
-    Returns (test metrics, the checkpoint tested)."""
+    (``calibrate``: 'heldout', 'val', 'fixed': ``temperature`` as given, or 'none'), then test
+    the chosen one on the test set. Returns (test metrics, the checkpoint tested)."""
     try:
         trainer.fit(start.module, datamodule=dm, ckpt_path=str(start.resume_ckpt) if start.resume_ckpt else None)
     except SIGTERMException:
@@ -350,7 +352,7 @@ def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, che
     tested = checkpoints.tested()
     with sigterm_raises():  # fit is over: a SIGTERM now stops at once, and the atomic writes clean up
         if calibrate != "none":
-            calibrate_checkpoints(trainer, dm, [tested, checkpoints.last_good()], calibrate)
+            calibrate_checkpoints(trainer, dm, [tested, checkpoints.last_good()], calibrate, temperature)
         return test_checkpoint(trainer, dm, tested), tested
 
 
@@ -369,14 +371,22 @@ def test_checkpoint(trainer: L.Trainer, dm: CIFAR10DataModule, tested: str) -> d
             "test_ece_uncalibrated": scored["ece_uncalibrated"]}  # fmt: skip
 
 
-def calibrate_checkpoints(trainer: L.Trainer, dm: CIFAR10DataModule, paths: list[str], split: str) -> None:
+def calibrate_checkpoints(trainer: L.Trainer, dm: CIFAR10DataModule, paths: list[str], split: str,
+                          temperature: float | None = None) -> None:  # fmt: skip
     """Step 4b: fit each final checkpoint's temperature on the calibration (or validation)
-    images and store it in the file. Every process computes the same T; rank 0 writes."""
+    images, or take the recipe's (``split`` 'fixed'), and store it in the file. Every process
+    computes the same T; rank 0 writes."""
     ds = dm.calib_set if split == "heldout" else dm.val_set
-    if ds is None or len(ds) == 0:
+    if split != "fixed" and (ds is None or len(ds) == 0):
         raise ConfigError(f"--calibrate {split}: no images to fit the temperature on (check --calib-size / --val-size)")
     for path in dict.fromkeys(p for p in paths if p and Path(p).is_file()):
-        calibrate_checkpoint(Path(path), ds.images, ds.labels, split, trainer.strategy.root_device, write=trainer.is_global_zero)
+        if split == "fixed":
+            if trainer.is_global_zero:
+                ckpt = load_checkpoint(path)
+                ckpt["calibration"] = {"temperature": float(temperature), "fitted_on": "the recipe's (--temperature)", "images": 0}
+                atomic_write_bytes(Path(path), checkpoint_bytes(ckpt), fsync=True)
+        else:
+            calibrate_checkpoint(Path(path), ds.images, ds.labels, split, trainer.strategy.root_device, write=trainer.is_global_zero)
     trainer.strategy.barrier("calibrated")
 
 
@@ -481,7 +491,7 @@ def _run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) -
         if not start.resume_ckpt:  # a new run that never started: leave no empty run directory behind
             shutil.rmtree(start.run_dir, ignore_errors=True)
         raise
-    test_metrics, tested = fit_and_test(trainer, start, dm, checkpoints, cfg.calibration_split())
+    test_metrics, tested = fit_and_test(trainer, start, dm, checkpoints, cfg.calibration_split(), cfg.temperature)
     return write_results(cfg, trainer, start.run_dir, test_metrics, tested, checkpoints, time.perf_counter() - t0)
 
 
@@ -553,5 +563,5 @@ def calibration_line(r: dict[str, Any]) -> str:
     ece, raw = r.get("test_ece"), r.get("test_ece_uncalibrated")
     if not cal:
         return f"none (test ECE {ece:.4f})" if ece is not None else "none"
-    return (f"temperature {cal['temperature']:.3f} fitted on {cal['images']} {cal['fitted_on']} images; "
-            f"test ECE {raw:.4f} -> {ece:.4f}")  # fmt: skip
+    where = f"fitted on {cal['images']} {cal['fitted_on']} images" if cal.get("images") else cal.get("fitted_on", "given")
+    return f"temperature {cal['temperature']:.3f} {where}; test ECE {raw:.4f} -> {ece:.4f}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import call, fill, leftovers, one_error_line, tiny_train_argv, train_tiny_run
+from conftest import call, fill, leftovers, one_error_line, tiny_train_argv, train_tiny_run, write_imagefolder
 
 from cifar_lightning import load_classifier
 from cifar_lightning.calibration import fit_temperature
@@ -110,6 +110,28 @@ def test_calibrate_none_fits_nothing_and_keeps_the_training_images(tmp_path: Pat
     results = json.loads((run / "results.json").read_text())
     assert results["calibration"] is None and results["test_ece"] == pytest.approx(results["test_ece_uncalibrated"])
     assert load_classifier(results["best_checkpoint"]).temperature == 1.0
+
+
+@pytest.mark.train
+def test_calibrate_fixed_takes_the_recipes_temperature_and_holds_no_image_out(tmp_path: Path, capsys) -> None:
+    """A preset can ship T (fitted once in its study) and give the 2,000 held-out images back to training."""
+    _, run = train_tiny_run(tmp_path, "--calibrate", "fixed", "--temperature", "0.5", "--val-size", "0", "--log-images-every", "0")
+    out = capsys.readouterr().out
+    assert "(120 images seen" in out  # all 120: none held out (heldout would keep 12)
+    results = json.loads((run / "results.json").read_text())
+    assert results["calibration"]["temperature"] == 0.5 and results["calibration"]["images"] == 0
+    assert load_classifier(results["best_checkpoint"]).temperature == 0.5
+    assert "temperature 0.500 the recipe's (--temperature); test ECE" in out
+
+
+@pytest.mark.parametrize("extra, says", [(["--calibrate", "fixed"], "--temperature"),
+                                         (["--calibrate", "fixed", "--temperature", "0"], "--temperature"),
+                                         (["--calibrate", "fixed", "--temperature", "1000"], "--temperature")])  # fmt: skip
+def test_a_fixed_temperature_that_is_missing_or_out_of_range_is_refused_before_a_run(tmp_path: Path, capsys, extra, says) -> None:
+    logs = tmp_path / "logs"
+    assert call(train_main, tiny_train_argv(write_imagefolder(tmp_path / "tree"), logs, *extra)) == 2
+    assert says in one_error_line(capsys)
+    assert not logs.exists() or not list(logs.glob("version_*"))
 
 
 @pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), "hot"])
