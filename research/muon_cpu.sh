@@ -44,7 +44,7 @@ fi
 if [ "${ROUND:-1}" = test ]; then  # the step after round 2: untuned test seeds, all 50,000 images, T shipped
     shift
     exec .venv/bin/python -m benchmarks.trust --data-dir "$data" --out docs/speed/muon_cpu/test --no-corruptions \
-        --seeds "${@:-8 9 10 11}" \
+        --seeds ${@:-8 9 10 11} \
         --variant "muon8_fixedT=--preset 94 --optimizer muon --epochs 8 --muon-lr 0.15 --warmup-fraction 0.1 --calibrate fixed --temperature 0.463"
 fi
 base="--preset 94 --val-size 5000 --optimizer muon --no-lookahead --warmup-fraction 0"
