@@ -31,7 +31,7 @@ from cifar_lightning.errors import ConfigError, shown
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULES = ("none", "cosine", "onecycle", "triangle")
-#: test-time augmentation: 0 none, 1 + mirror, 2 + mirror and 1-px translations (6 views)
+#: test-time views: 0 none, 1 + mirror, 2 + 1-px translations where unsure (models.tta_logits), 3 + them on every image
 TTA_LEVELS = (0, 1, 2, 3)
 AUGMENTS = ("none", "seed", "standard", "robust")
 #: how a run fits its softmax temperature after training (the test set never takes part)

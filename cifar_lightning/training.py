@@ -379,26 +379,26 @@ def calibrate_checkpoints(trainer: L.Trainer, dm: CIFAR10DataModule, paths: list
     ds = dm.calib_set if split == "heldout" else dm.val_set
     if split != "fixed" and (ds is None or len(ds) == 0):
         raise ConfigError(f"--calibrate {split}: no images to fit the temperature on (check --calib-size / --val-size)")
+    given = temperature if split == "fixed" else None
+    images, labels = (ds.images, ds.labels) if given is None else (None, None)
     for path in dict.fromkeys(p for p in paths if p and Path(p).is_file()):
-        if split == "fixed":
-            if trainer.is_global_zero:
-                ckpt = load_checkpoint(path)
-                ckpt["calibration"] = {"temperature": float(temperature), "fitted_on": "the recipe's (--temperature)", "images": 0}
-                atomic_write_bytes(Path(path), checkpoint_bytes(ckpt), fsync=True)
-        else:
-            calibrate_checkpoint(Path(path), ds.images, ds.labels, split, trainer.strategy.root_device, write=trainer.is_global_zero)
+        calibrate_checkpoint(Path(path), images, labels, split, trainer.strategy.root_device, write=trainer.is_global_zero,
+                             given=given)  # fmt: skip
     trainer.strategy.barrier("calibrated")
 
 
-def calibrate_checkpoint(path: Path, images: torch.Tensor, labels: torch.Tensor, split: str, device: torch.device | str,
-                         write: bool = True) -> dict[str, Any]:  # fmt: skip
+def calibrate_checkpoint(path: Path, images: torch.Tensor | None, labels: torch.Tensor | None, split: str,
+                         device: torch.device | str, write: bool = True, given: float | None = None) -> dict[str, Any]:  # fmt: skip
     """Fit T for the checkpoint at ``path`` on (images, labels) and write it into the file
     (atomically: a kill leaves the old file). The logits come through the one inference path
     (``inference.checkpoint_classifier``), raw (``calibrate=False``), with the model's test-time views: exactly what inference divides
-    by T. Returns the calibration entry."""
+    by T. ``given`` (--calibrate fixed): write that T, fitted on nothing here. Returns the calibration entry."""
     ckpt = load_checkpoint(path)  # read once: classified, then written back with T
-    logits = checkpoint_classifier(ckpt, path, device=str(device), calibrate=False).logits(images, batch_size=500)
-    entry = calibration.summary(logits, labels.cpu(), calibration.fit_temperature(logits, labels), split)
+    if given is not None:
+        entry = {"temperature": float(given), "fitted_on": "the recipe's (--temperature)", "images": 0}
+    else:
+        logits = checkpoint_classifier(ckpt, path, device=str(device), calibrate=False).logits(images, batch_size=500)
+        entry = calibration.summary(logits, labels.cpu(), calibration.fit_temperature(logits, labels), split)
     if write:
         ckpt["calibration"] = entry
         atomic_write_bytes(path, checkpoint_bytes(ckpt), fsync=True)
