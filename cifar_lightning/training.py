@@ -564,4 +564,9 @@ def calibration_line(r: dict[str, Any]) -> str:
     if not cal:
         return f"none (test ECE {ece:.4f})" if ece is not None else "none"
     where = f"fitted on {cal['images']} {cal['fitted_on']} images" if cal.get("images") else cal.get("fitted_on", "given")
-    return f"temperature {cal['temperature']:.3f} {where}; test ECE {raw:.4f} -> {ece:.4f}"
+    line = f"temperature {cal['temperature']:.3f} {where}; test ECE {raw:.4f} -> {ece:.4f}"
+    if not cal.get("images") and ece is not None and ece > calibration.GIVEN_T_ECE_LIMIT:
+        # A shipped T fits the recipe it was fitted for: other flags (epochs, widths...) need their own.
+        line += (f" (above {calibration.GIVEN_T_ECE_LIMIT}: the given temperature does not fit this run; "
+                 "fit one with --calibrate heldout)")
+    return line

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import call, fill, leftovers, one_error_line, tiny_train_argv, train_tiny_run, write_imagefolder
 
-from cifar_lightning import load_classifier
+from cifar_lightning import load_classifier, training
 from cifar_lightning.calibration import fit_temperature
 from cifar_lightning.cli import evaluate_main, export_main, predict_main, train_main
 from cifar_lightning.errors import exit_status
@@ -122,6 +122,16 @@ def test_calibrate_fixed_takes_the_recipes_temperature_and_holds_no_image_out(tm
     assert results["calibration"]["temperature"] == 0.5 and results["calibration"]["images"] == 0
     assert load_classifier(results["best_checkpoint"]).temperature == 0.5
     assert "temperature 0.500 the recipe's (--temperature); test ECE" in out
+
+
+def test_a_given_temperature_that_misfits_the_run_says_so_and_how_to_fit_one() -> None:
+    """A preset's shipped T fits its own flags: a run changed past it (its test ECE high) is told."""
+    given = {"temperature": 0.463, "fitted_on": "the recipe's (--temperature)", "images": 0}
+    fits = training.calibration_line({"calibration": given, "test_ece": 0.012, "test_ece_uncalibrated": 0.2})
+    misfits = training.calibration_line({"calibration": given, "test_ece": 0.031, "test_ece_uncalibrated": 0.2})
+    assert "does not fit" not in fits and "--calibrate heldout" in misfits and "0.0310" in misfits
+    fitted = {"temperature": 0.5, "fitted_on": "heldout", "images": 2000}  # fitted here: its ECE is what it is
+    assert "does not fit" not in training.calibration_line({"calibration": fitted, "test_ece": 0.031, "test_ece_uncalibrated": 0.2})
 
 
 @pytest.mark.parametrize("extra, says", [(["--calibrate", "fixed"], "--temperature"),
