@@ -111,6 +111,8 @@ class TrainConfig(BaseModel):
                           "out), val (the validation split); fixed: take --temperature, no image held out; none; "
                           "auto: val if there is one, else heldout")
     calib_size: int = knob(2000, "training images held out to fit the temperature (calibrate heldout; at most a tenth of them)", ge=1)
+    calib_jpeg: bool = knob(False, "calibrate heldout/val: fit the temperature on the images and on a JPEG quality-75 copy of "
+                            "each, so that it holds on photos too")
     temperature: float | None = knob(None, "calibrate fixed: the temperature, fitted once on held-out images of the same recipe",
                                      ge=T_RANGE[0], le=T_RANGE[1])
     # augmentation
@@ -247,7 +249,7 @@ SECTIONS = {
                                "momentum", "muon_lr", "muon_momentum", "norm_bias_lr_scale", "warmup_fraction", "whiten_bias_epochs",
                                "widths", "depth", "tta", "lookahead"),
     "data": ("data_dir", "data_source", "download", "val_size", "split_seed", "limit_train_images", "num_workers", "calibrate",
-             "calib_size", "temperature"),
+             "calib_size", "calib_jpeg", "temperature"),
     "augmentation (on the device, training batches only)": ("augment", *AUGMENT_RANGES, "alternate_flip", "robust_from"),
     "trainer": ("accelerator", "devices", "strategy", "num_nodes", "precision", "seed", "deterministic", "max_time",
                 "channels_last", "progress_bar"),

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from cifar_lightning import calibration, runs
 from cifar_lightning.callbacks import EpochReport, Lookahead, RunEstimate, StepCheckpoint, StopOnSignal, TensorBoardImages
 from cifar_lightning.checkpoint import checkpoint_bytes, load_checkpoint, non_finite_tensor
+from cifar_lightning.corruptions import jpeg
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.devices import device_for, resolve_precision
 from cifar_lightning.errors import (
@@ -143,6 +144,9 @@ def check_before_start(cfg: TrainConfig) -> None:
         raise ConfigError("--calibrate val needs a validation split (--val-size > 0); use --calibrate heldout or auto")
     if cfg.calibrate == "fixed" and cfg.temperature is None:
         raise ConfigError("--calibrate fixed needs --temperature T (fitted once on held-out images of the same recipe)")
+    if cfg.calib_jpeg and cfg.calibrate in ("fixed", "none"):
+        raise ConfigError(f"--calib-jpeg adds JPEG copies to the images a temperature is fitted on; --calibrate "
+                          f"{cfg.calibrate} fits none (use heldout, val or auto)")  # fmt: skip
     if cfg.strategy != "auto" and cfg.strategy not in StrategyRegistry.available_strategies():
         raise ConfigError(f"--strategy {cfg.strategy!r}: not a Lightning strategy; e.g. auto, ddp, ddp_spawn, fsdp")
     device_for(cfg.accelerator)  # an accelerator this machine lacks: one line, before anything
@@ -322,9 +326,10 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, classes: list[str], checkpoin
 
 
 def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, checkpoints: Checkpoints,
-                 calibrate: str = "none", temperature: float | None = None) -> tuple[dict, str]:  # fmt: skip
+                 calibrate: str = "none", temperature: float | None = None, with_jpeg: bool = False) -> tuple[dict, str]:  # fmt: skip
     """Step 4: train (resuming if asked), fit the softmax temperature of the final checkpoints
-    (``calibrate``: 'heldout', 'val', 'fixed': ``temperature`` as given, or 'none'), then test
+    (``calibrate``: 'heldout', 'val', 'fixed': ``temperature`` as given, or 'none'; ``with_jpeg``:
+    on the images and a JPEG-75 copy of each), then test
     the chosen one on the test set. Returns (test metrics, the checkpoint tested)."""
     try:
         trainer.fit(start.module, datamodule=dm, ckpt_path=str(start.resume_ckpt) if start.resume_ckpt else None)
@@ -352,7 +357,7 @@ def fit_and_test(trainer: L.Trainer, start: RunStart, dm: CIFAR10DataModule, che
     tested = checkpoints.tested()
     with sigterm_raises():  # fit is over: a SIGTERM now stops at once, and the atomic writes clean up
         if calibrate != "none":
-            calibrate_checkpoints(trainer, dm, [tested, checkpoints.last_good()], calibrate, temperature)
+            calibrate_checkpoints(trainer, dm, [tested, checkpoints.last_good()], calibrate, temperature, with_jpeg)
         return test_checkpoint(trainer, dm, tested), tested
 
 
@@ -372,15 +377,18 @@ def test_checkpoint(trainer: L.Trainer, dm: CIFAR10DataModule, tested: str) -> d
 
 
 def calibrate_checkpoints(trainer: L.Trainer, dm: CIFAR10DataModule, paths: list[str], split: str,
-                          temperature: float | None = None) -> None:  # fmt: skip
+                          temperature: float | None = None, with_jpeg: bool = False) -> None:  # fmt: skip
     """Step 4b: fit each final checkpoint's temperature on the calibration (or validation)
     images, or take the recipe's (``split`` 'fixed'), and store it in the file. Every process
-    computes the same T; rank 0 writes."""
+    computes the same T; rank 0 writes. ``with_jpeg``: a JPEG quality-75 copy of each image joins
+    the fit, so that T also holds on photos (chosen over other copies in research/photo_calibration.py)."""
     ds = dm.calib_set if split == "heldout" else dm.val_set
     if split != "fixed" and (ds is None or len(ds) == 0):
         raise ConfigError(f"--calibrate {split}: no images to fit the temperature on (check --calib-size / --val-size)")
     given = temperature if split == "fixed" else None
     images, labels = (ds.images, ds.labels) if given is None else (None, None)
+    if with_jpeg and images is not None:
+        images, labels, split = torch.cat([images, jpeg(images, 75)]), torch.cat([labels, labels]), f"{split} + jpeg75"
     for path in dict.fromkeys(p for p in paths if p and Path(p).is_file()):
         calibrate_checkpoint(Path(path), images, labels, split, trainer.strategy.root_device, write=trainer.is_global_zero,
                              given=given)  # fmt: skip
@@ -491,7 +499,8 @@ def _run_training(cfg: TrainConfig, callbacks: list[L.Callback] | None = None) -
         if not start.resume_ckpt:  # a new run that never started: leave no empty run directory behind
             shutil.rmtree(start.run_dir, ignore_errors=True)
         raise
-    test_metrics, tested = fit_and_test(trainer, start, dm, checkpoints, cfg.calibration_split(), cfg.temperature)
+    test_metrics, tested = fit_and_test(trainer, start, dm, checkpoints, cfg.calibration_split(), cfg.temperature,
+                                        cfg.calib_jpeg)
     return write_results(cfg, trainer, start.run_dir, test_metrics, tested, checkpoints, time.perf_counter() - t0)
 
 

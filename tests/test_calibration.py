@@ -124,6 +124,27 @@ def test_calibrate_fixed_takes_the_recipes_temperature_and_holds_no_image_out(tm
     assert "temperature 0.500 the recipe's (--temperature); test ECE" in out
 
 
+@pytest.mark.train
+def test_calib_jpeg_fits_the_temperature_on_the_held_out_images_and_their_jpeg_copies(tmp_path: Path) -> None:
+    """Issue 34: a T fitted on clean images alone does not hold on photos; --calib-jpeg adds a
+    JPEG-75 copy of each held-out image to the fit (chosen in research/photo_calibration.py)."""
+    _, run = train_tiny_run(tmp_path, "--calibrate", "heldout", "--val-size", "0", "--calib-size", "10", "--calib-jpeg",
+                            "--log-images-every", "0")  # fmt: skip
+    results = json.loads((run / "results.json").read_text())
+    entry = results["calibration"]
+    assert entry["fitted_on"] == "heldout + jpeg75" and entry["images"] == 2 * 10  # the 10 held out, and a copy of each
+    assert load_classifier(results["best_checkpoint"]).temperature == pytest.approx(entry["temperature"])
+
+
+@pytest.mark.parametrize("calibrate", ["fixed", "none"])
+def test_calib_jpeg_without_a_fit_is_refused_before_a_run(tmp_path: Path, capsys, calibrate: str) -> None:
+    logs = tmp_path / "logs"
+    extra = ["--calibrate", calibrate, "--calib-jpeg", *(["--temperature", "0.5"] if calibrate == "fixed" else [])]
+    assert call(train_main, tiny_train_argv(write_imagefolder(tmp_path / "tree"), logs, *extra)) == 2
+    assert "--calib-jpeg" in one_error_line(capsys)
+    assert not logs.exists() or not list(logs.glob("version_*"))
+
+
 def test_a_given_temperature_that_misfits_the_run_says_so_and_how_to_fit_one() -> None:
     """A preset's shipped T fits its own flags: a run changed past it (its test ECE high) is told."""
     given = {"temperature": 0.463, "fitted_on": "the recipe's (--temperature)", "images": 0}
