@@ -58,8 +58,9 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
         config = r.get("config") or {}
         result["precision"] = run_precision(config.get("precision", "auto"), config.get("accelerator", args.accelerator))
         if args.corruptions:
-            evaluate = [*base, "evaluate", r["best_checkpoint"], "--corruptions", "--accelerator", args.accelerator,
-                        "--out", str(logs / "report"), "--grid", "16", "--split", args.split]  # fmt: skip
+            evaluate = [*base, "evaluate", r["best_checkpoint"], "--data-dir", args.data_dir, "--corruptions",
+                        "--accelerator", args.accelerator, "--out", str(logs / "report"), "--grid", "16",
+                        "--split", args.split]  # fmt: skip
             code = subprocess.call(evaluate, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
             result["evaluate_exit"] = code
             metrics_file = logs / "report" / "metrics.json"
