@@ -456,6 +456,10 @@ def build(given: dict[str, Any], saved: dict[str, Any] | None = None, refit_of: 
         # The preset's mirror schedule belongs to its crop+flip augmentation: a run that swaps the
         # augmentation (e.g. --augment none) drops it; asking for both is refused before the run.
         values["alternate_flip"] = False
+    if values.get("calib_jpeg") and "calib_jpeg" not in given and values.get("calibrate") in ("fixed", "none"):
+        # The preset's JPEG copies belong to the temperature it fits: a run that fits none (e.g.
+        # --preset 90 --calibrate none) drops them; asking for both is refused before the run.
+        values["calib_jpeg"] = False
     try:
         return TrainConfig(**values)
     except ValidationError as e:

@@ -145,6 +145,20 @@ def test_calib_jpeg_without_a_fit_is_refused_before_a_run(tmp_path: Path, capsys
     assert not logs.exists() or not list(logs.glob("version_*"))
 
 
+@pytest.mark.parametrize("flags", [["--calibrate", "none"], ["--calibrate", "fixed", "--temperature", "0.5"]])
+def test_a_preset_that_fits_on_jpeg_copies_still_takes_a_calibration_that_fits_none(flags: list[str]) -> None:
+    """--preset 90 and photo set calib_jpeg; switching their calibration off keeps working: the
+    preset's JPEG copies are dropped with the fit they belonged to, not refused."""
+    from cifar_lightning.cli import resolve_train_config
+
+    for preset in ("90", "photo"):
+        assert resolve_train_config(["--preset", preset]).calib_jpeg
+        cfg = resolve_train_config(["--preset", preset, *flags])
+        assert not cfg.calib_jpeg
+        training.check_before_start(cfg)  # no ConfigError
+    assert resolve_train_config(["--preset", "90", "--calibrate", "val", "--val-size", "2000"]).calib_jpeg  # a fit: kept
+
+
 def test_a_given_temperature_that_misfits_the_run_says_so_and_how_to_fit_one() -> None:
     """A preset's shipped T fits its own flags: a run changed past it (its test ECE high) is told."""
     given = {"temperature": 0.463, "fitted_on": "the recipe's (--temperature)", "images": 0}
