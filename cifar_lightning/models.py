@@ -58,6 +58,20 @@ class ByteDropout(nn.Dropout):
         return x * ((bits >= int(cut)).to(x.dtype) * (1 / (1 - self.p)))
 
 
+class _ChannelsLastGrad(torch.autograd.Function):
+    """Identity forward; the backward hands the gradient on in NHWC. The gradient of a flatten
+    arrives in NCHW order, and a channels-last bf16 average pool's backward fed an NCHW gradient
+    takes 2-3 ms on a CPU where the NHWC one takes 0.3: a tenth of the seed network's step."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
 @register("seed")
 class SeedCNN(nn.Module):
     """The Keras notebook's CNN, layer for layer:
@@ -86,7 +100,10 @@ class SeedCNN(nn.Module):
         keras_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        x = self.features(x)
+        if self.training and x.requires_grad and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            x = _ChannelsLastGrad.apply(x)
+        return self.head(x)
 
 
 class FrozenScaleBatchNorm(nn.BatchNorm2d):

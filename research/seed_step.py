@@ -28,16 +28,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the children import torch; the parent only starts them
     import torch
 
-#: name -> (precision, byte dropout, ReLU after pool, fused Adam, keep freed memory, compile)
-VARIANTS: dict[str, tuple[str, bool, bool, bool, bool, bool]] = {
-    "the preset before (fp32, torch dropout, ReLU->pool, foreach Adam)": ("fp32", False, False, False, False, False),
-    "+ bf16 autocast": ("bf16", False, False, False, False, False),
-    "+ bf16, fused Adam": ("bf16", False, False, True, False, False),
-    "+ bf16, fused Adam, byte dropout": ("bf16", True, False, True, False, False),
-    "+ bf16, fused Adam, byte dropout, pool->ReLU": ("bf16", True, True, True, False, False),
-    "the preset now (all of the above + glibc keeps freed memory)": ("bf16", True, True, True, True, False),
-    "the preset now in fp32": ("fp32", True, True, True, True, False),
-    "the preset now + torch.compile": ("bf16", True, True, True, True, True),
+#: name -> (precision, byte dropout, ReLU after pool, fused Adam, keep freed memory, NHWC gradient
+#: at the flatten, compile)
+VARIANTS: dict[str, tuple[str, bool, bool, bool, bool, bool, bool]] = {
+    "the preset before (fp32, torch dropout, ReLU->pool, foreach Adam)": ("fp32", False, False, False, False, False, False),
+    "+ bf16 autocast": ("bf16", False, False, False, False, False, False),
+    "+ bf16, fused Adam": ("bf16", False, False, True, False, False, False),
+    "+ bf16, fused Adam, byte dropout": ("bf16", True, False, True, False, False, False),
+    "+ bf16, fused Adam, byte dropout, pool->ReLU": ("bf16", True, True, True, False, False, False),
+    "+ glibc keeps freed memory (the preset until 2026-12-06)": ("bf16", True, True, True, True, False, False),
+    "the preset now (+ NHWC gradient at the flatten)": ("bf16", True, True, True, True, True, False),
+    "the preset now in fp32": ("fp32", True, True, True, True, True, False),
+    "the preset now + torch.compile": ("bf16", True, True, True, True, True, True),
 }
 
 #: the fast network (presets 93/94) in bf16 at batch 1024: name -> (fused SGD, keep freed memory, compile)
@@ -98,9 +100,11 @@ def child(name: str, steps: int) -> None:
     from cifar_lightning import models
     from cifar_lightning.training import keep_freed_memory
 
-    precision, byte_dropout, pool_first, fused, keep, compile_ = VARIANTS[name]
+    precision, byte_dropout, pool_first, fused, keep, nhwc_grad, compile_ = VARIANTS[name]
     if keep:
         keep_freed_memory()
+    if not nhwc_grad:  # the gradient reaches the average pool in the flatten's NCHW order
+        models._ChannelsLastGrad.apply = staticmethod(lambda x: x)
     torch.manual_seed(0)
     net = models.build("seed")
     if not byte_dropout:

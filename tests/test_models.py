@@ -45,6 +45,39 @@ def test_seed_network_pools_before_its_second_relu_with_the_notebooks_function()
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_seed_network_hands_its_pool_an_nhwc_gradient_with_the_same_values() -> None:
+    """In training the flatten's NCHW gradient is turned NHWC before it reaches the average
+    pool (whose bf16 backward is several times slower on a mismatched layout): every gradient
+    is unchanged, and eval and export run the plain forward."""
+    torch.manual_seed(0)
+    net = models.build("seed").train().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    seen = []
+    hook = net.features[10].register_full_backward_hook(lambda m, gi, go: seen.append(go[0]))
+
+    def grads() -> list[torch.Tensor]:
+        torch.manual_seed(1)  # the same dropout masks
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = net(x).float().square().sum()
+        return list(torch.autograd.grad(loss, list(net.parameters())))
+
+    ours = grads()
+    assert seen[-1].is_contiguous(memory_format=torch.channels_last)
+    plain = models._ChannelsLastGrad.apply
+    try:
+        models._ChannelsLastGrad.apply = staticmethod(lambda t: t)
+        before = grads()
+    finally:
+        models._ChannelsLastGrad.apply = plain
+    assert not seen[-1].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(ours, before, strict=True):
+        assert torch.equal(a, b)
+    hook.remove()
+    with torch.no_grad():
+        net.eval()(x)
+    assert torch.jit.trace(net.eval(), x).graph.findNode("prim::PythonOp") is None
+
+
 @pytest.mark.parametrize("p", [0.25, 0.5])
 def test_byte_dropout_keeps_each_element_with_probability_one_minus_p(p: float) -> None:
     drop = models.ByteDropout(p).train()
