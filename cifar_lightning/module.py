@@ -66,7 +66,7 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.net = models.build(model, num_classes=num_classes, **(model_args or {}))
         metric = torchmetrics.classification.MulticlassAccuracy
-        self.train_acc = metric(num_classes, average="micro")
+        self.train_acc = metric(num_classes, average="micro", validate_args=False)
         self.val_acc = metric(num_classes, average="micro")
         # The mean loss weighted by images, synced as a sum: under DDP with uneven shards the
         # epoch value still equals the single-process one (a mean of per-process means would not).
@@ -168,7 +168,9 @@ class ImageClassifier(L.LightningModule):
                 f"the training loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch + 1}, "
                 f"batch {batch_idx + 1}); lower --lr or check the data"
             )
-        self.train_acc(logits, y)
+        # update, not forward: the epoch value is all that is logged, and forward also computes
+        # a per-batch accuracy (with argument checks) that nothing reads
+        self.train_acc.update(logits.detach(), y)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train_acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
