@@ -124,7 +124,7 @@ def evaluate(model: str | Path, data_dir: str | None = None, split: str = "test"
     clf = load_classifier(model, device=device, calibrate=calibrate)  # refuses unsafe or foreign files before anything else
     model_path = Path(clf.source)  # pretrained:NAME -> the bundled file
     source = source_checkpoint(model_path, clf)
-    run_cfg = saved_run_config(source)
+    run_cfg = saved_run_config(source, known_only=True)
     run_dir = run_dir_of(source) if run_cfg else None
     own_run = run_dir if clf.info.get("kind") == "checkpoint" else None  # an export's report goes beside the export
     if split == "val" and not run_cfg:

@@ -319,9 +319,11 @@ def load_recipe_yaml(text: str) -> Any:
     return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader)
 
 
-def read_yaml(path: str | Path, what: str = "--config") -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "--config", known_only: bool = False) -> dict[str, Any]:
     """A YAML mapping of option: value (keys as flag names, - or _), checked; bounded in size
-    and refused with aliases before anything is built from it."""
+    and refused with aliases before anything is built from it. ``known_only`` leaves out the
+    options this version does not know (a run's record written by another version) instead of
+    refusing the file."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_RECIPE_BYTES + 1)
@@ -333,14 +335,16 @@ def read_yaml(path: str | Path, what: str = "--config") -> dict[str, Any]:
     except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{what} {path}: not valid YAML ({shown(first, 160)})") from None
-    return _mapping(raw, f"{what} {path}")
+    return _mapping(raw, f"{what} {path}", known_only)
 
 
-def _mapping(raw: Any, where: str) -> dict[str, Any]:
+def _mapping(raw: Any, where: str, known_only: bool = False) -> dict[str, Any]:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of option: value")
     values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    if known_only:
+        values = {k: v for k, v in values.items() if k in FIELDS}
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ConfigError(f"{where}: unknown option(s) {shown(', '.join(unknown[:10]))}")

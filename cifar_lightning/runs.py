@@ -81,13 +81,15 @@ def claim_new_run_dir(log_dir: Path) -> Path:
     return claim_new_dir(log_dir, "version_{}", "--log-dir")
 
 
-def saved_run_config(ckpt_path: Path) -> dict[str, Any]:
-    """The config.yaml of the run that wrote this checkpoint ({} if none or unreadable)."""
+def saved_run_config(ckpt_path: Path, known_only: bool = False) -> dict[str, Any]:
+    """The config.yaml of the run that wrote this checkpoint ({} if none or unreadable).
+    ``known_only``: a record from another version keeps the options this one knows (its data
+    dir, its split), which is all that scoring it needs; a resume needs the whole recipe."""
     run = run_dir_of(ckpt_path)
     if run is None:
         return {}
     try:
-        return read_yaml(run / CONFIG, "config")
+        return read_yaml(run / CONFIG, "config", known_only=known_only)
     except ConfigError:
         return {}
 
@@ -110,7 +112,7 @@ def recorded_data_dir(ckpt_path: Path, given: str | None) -> str | None:
     merely recorded (and leave a copy of CIFAR-10 behind)."""
     if given:
         return given
-    recorded = saved_run_config(ckpt_path).get("data_dir")
+    recorded = saved_run_config(ckpt_path, known_only=True).get("data_dir")
     if recorded and not Path(recorded).is_dir():
         raise DataError(f"the run's data dir {recorded} is gone; pass --data-dir")
     return recorded

@@ -160,6 +160,25 @@ def test_a_model_scored_on_other_class_names_is_refused(run, tmp_path: Path, cap
     assert not (tmp_path / "r").exists()
 
 
+def test_a_run_recorded_by_another_version_is_scored_on_its_recorded_data(seed_run_once, tmp_path: Path, capsys) -> None:
+    """A config.yaml with an option this version does not know still gives its data dir and
+    split: the evaluation reads them rather than falling back to ./data and a download."""
+    tree, run_dir = copy_of_seed_run(seed_run_once, tmp_path / "copy")
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text() + "an_option_from_a_later_version: 3\n")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # where a fallback to ./data would download
+    try:
+        assert call(evaluate_main, [str(run_dir / "checkpoints" / "last.ckpt"), "--split", "val", "--accelerator", "cpu"]) == 0
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "data").exists()
+    assert json.loads((run_dir / "report" / "metrics.json").read_text())["split"] == "val"
+    shutil.rmtree(tree)  # the recorded data dir is gone: one line, not a download
+    assert call(evaluate_main, [str(run_dir / "checkpoints" / "last.ckpt"), "--accelerator", "cpu"]) == 2
+    assert "is gone; pass --data-dir" in one_error_line(capsys)
+
+
 # ----------------------------------------------------------------------------- the report folder
 
 
