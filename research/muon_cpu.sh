@@ -77,6 +77,12 @@ if [ "${ROUND:-1}" = 90jpeg ]; then
         --seeds ${@:-8 9 10 11} \
         --variant "muon5_heldout_jpeg=--preset 90 --optimizer muon --muon-lr 0.15 --warmup-fraction 0.1 --epochs 5"
 fi
+if [ "${ROUND:-1}" = 90old ]; then  # the SGD preset 90 until 2026-12-06, for the time ratio on one machine (flags spelled out)
+    shift
+    exec .venv/bin/python -m benchmarks.trust --data-dir "$data" --out docs/speed/muon_cpu/p90old --no-corruptions \
+        --seeds ${@:-9} \
+        --variant "sgd6=--preset 90 --optimizer sgd --lr 1.5 --epochs 6 --warmup-fraction 0.2"
+fi
 if [ "${ROUND:-1}" = old ]; then  # the old 94 recipe, for the time ratio back to back on one machine (flags spelled out: they outlive the preset)
     shift
     exec .venv/bin/python -m benchmarks.trust --data-dir "$data" --out docs/speed/muon_cpu/test_old --no-corruptions \
