@@ -101,7 +101,7 @@ class SeedCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
-        if self.training and x.requires_grad and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        if self.training and x.requires_grad and x.is_contiguous(memory_format=torch.channels_last):
             x = _ChannelsLastGrad.apply(x)
         return self.head(x)
 
