@@ -17,6 +17,13 @@ The rule, fixed (2026-12-06) before this script first ran:
   - the candidate with the lowest such mean is the pick; it ships for ``--preset seed`` only if
     its test ECE, fitted on all 5,000, is at most 0.015 on every run given. The test set chooses
     nothing.
+
+Round 1 (docs/trust/seed_calibrators.json): vector scaling was picked (two-fold 0.0210 against
+0.0232 for one temperature) but its test ECE on seed 11 was 0.0154, so nothing shipped. Round 2,
+its rule fixed before it ran: the same three calibrators on the mirror pair's averaged logits
+(``--tta 1``, what the fast presets ship at the least); the same two-fold measure picks among all
+six (round 1's figures, recomputed, with them), and the same test limit decides.
+    python -m research.seed_calibrators ... --tta 0 1 --out docs/trust/seed_calibrators_tta.json CKPTS
 """
 
 from __future__ import annotations
@@ -59,8 +66,13 @@ def apply(logits: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> to
     return logits * scale + bias
 
 
+def fit_scalar(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    one = torch.tensor([1 / fit_temperature(logits, labels)], dtype=torch.float64)
+    return one, torch.zeros(logits.shape[1], dtype=torch.float64)
+
+
 FITTERS = {
-    "temperature": lambda lg, y: (torch.tensor([1 / fit_temperature(lg, y)], dtype=torch.float64), torch.zeros(lg.shape[1], dtype=torch.float64)),
+    "temperature": fit_scalar,
     "temperature + bias": lambda lg, y: fit_affine(lg, y, per_class_scale=False),
     "vector scaling": lambda lg, y: fit_affine(lg, y, per_class_scale=True),
 }  # fmt: skip
@@ -71,6 +83,7 @@ def main() -> None:
     p.add_argument("models", nargs="+")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--held-out", type=int, default=5000)
+    p.add_argument("--tta", type=int, nargs="+", default=[0], help="test-time view levels to fit on (0: one view)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     dm = CIFAR10DataModule(data_dir=args.data_dir, val_size=args.held_out)
@@ -80,12 +93,14 @@ def main() -> None:
     held_y, test_y = dm.val_set.labels, dm.test_set.labels
     half = len(held_y) // 2
     folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
-    runs, two_fold = [], {name: [] for name in FITTERS}
-    for model in args.models:
-        clf = load_classifier(model, calibrate=False)
+    names = [f"{name}, tta {level}" if level else name for level in args.tta for name in FITTERS]
+    runs, two_fold = [], {name: [] for name in names}
+    for model, level in ((m, lv) for m in args.models for lv in args.tta):
+        clf = load_classifier(model, tta=level, calibrate=False)
         held, test = clf.logits(dm.val_set.images, 500).double(), clf.logits(dm.test_set.images, 500).double()
-        run = {"model": model, "test_acc": round(accuracy(test, test_y), 4), "fits": {}}
-        for name, fitter in FITTERS.items():
+        run = {"model": model, "tta": level, "test_acc": round(accuracy(test, test_y), 4), "fits": {}}
+        for fit_name, fitter in FITTERS.items():
+            name = f"{fit_name}, tta {level}" if level else fit_name
             folds_ece = [ece(apply(held[s], fitter(held[f], held_y[f])).softmax(-1), held_y[s]) for f, s in folds]
             two_fold[name] += folds_ece
             params = fitter(held, held_y)
@@ -96,11 +111,12 @@ def main() -> None:
                 "scale": [round(float(v), 4) for v in params[0]],
                 "bias": [round(float(v), 4) for v in params[1]],
             }
-            print(json.dumps({"model": model, "fit": name, **{k: v for k, v in run["fits"][name].items() if k not in ("scale", "bias")}}), flush=True)
+            shown = {k: v for k, v in run["fits"][name].items() if k not in ("scale", "bias")}
+            print(json.dumps({"model": model, "fit": name, **shown}), flush=True)
         runs.append(run)
     means = {name: round(statistics.fmean(v), 5) for name, v in two_fold.items()}
     pick = min(means, key=means.get)
-    ships = all(r["fits"][pick]["test_ece"] <= 0.015 for r in runs)
+    ships = all(r["fits"][pick]["test_ece"] <= 0.015 for r in runs if pick in r["fits"])
     out = {"held_out": args.held_out, "two_fold_mean_ece": means, "pick": pick, "ships": ships, "runs": runs}
     print(json.dumps({k: out[k] for k in ("two_fold_mean_ece", "pick", "ships")}))
     args.out.write_text(json.dumps(out, indent=2) + "\n")
