@@ -84,7 +84,8 @@ def claim_new_run_dir(log_dir: Path) -> Path:
 def saved_run_config(ckpt_path: Path, known_only: bool = False) -> dict[str, Any]:
     """The config.yaml of the run that wrote this checkpoint ({} if none or unreadable).
     ``known_only``: a record from another version keeps the options this one knows (its data
-    dir, its split), which is all that scoring it needs; a resume needs the whole recipe."""
+    dir, its split, its preset), which is all that scoring or a refit needs; a resume needs the
+    whole recipe."""
     run = run_dir_of(ckpt_path)
     if run is None:
         return {}
@@ -137,7 +138,8 @@ def resolve_recipe(given: dict[str, Any]) -> TrainConfig:
                               "trains is unknown; resume inside the run's folder")  # fmt: skip
         given["resume"] = str(ckpt)
     init = given.get("init_from")
-    refit_of = (bundled.recipe_of(init) if bundled.is_bundled(init) else saved_run_config(Path(init))) if init else None
+    # A refit takes only the recipe's name from its record: the options this version knows will do.
+    refit_of = (bundled.recipe_of(init) if bundled.is_bundled(init) else saved_run_config(Path(init), known_only=True)) if init else None
     cfg = build(given, saved, refit_of)
     # Paths are recorded absolute: a run's config.yaml, and the evaluate/export commands that
     # read it, must not depend on the directory they are started from.

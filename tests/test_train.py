@@ -259,6 +259,24 @@ def test_a_resume_keeps_its_preset_and_needs_its_config(tmp_path: Path) -> None:
         runs.resolve_recipe({"resume": str(stray)})
 
 
+@pytest.mark.unit
+def test_a_refit_of_a_run_recorded_by_another_version_keeps_its_preset(tmp_path: Path) -> None:
+    """An option this version does not know (a later version's) must not turn the run's record
+    into nothing: a refit would then silently train the default recipe on the seed network's
+    weights. It keeps the preset the record names; a resume, which needs all of it, refuses."""
+    from cifar_lightning import runs
+    from cifar_lightning.recipes import build
+
+    run = tmp_path / "logs" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (run / "config.yaml").write_text(build({"preset": "seed"}).to_yaml() + "an_option_from_a_later_version: 3\n")
+    cfg = runs.resolve_recipe({"init_from": str(run / "checkpoints" / "last.ckpt")})
+    assert (cfg.preset, cfg.model, cfg.optimizer) == ("seed", "seed", "adam")
+    with pytest.raises(ConfigError, match="config.yaml"):
+        runs.resolve_recipe({"resume": str(run / "checkpoints" / "last.ckpt")})
+
+
 # ----------------------------------------------------------------------------- relative paths
 
 
