@@ -114,9 +114,7 @@ class RunEstimate(L.Callback):
     The first ``warmup_steps`` are not the steady state (kernels chosen, memory first touched:
     on a 2-core EPYC steps 2-4 ran 12% over the run's median step), so the median of the
     ``timed_steps`` after them is the step time; a later phase's steps (the whitening bias
-    frozen) are scaled by their FLOPs. A step is timed from the end of the one before, so that
-    fetching its batch and Lightning's loop between steps count: for the seed recipe's 40 ms
-    steps they are a sixth of the time. Measured against the training that followed:
+    frozen) are scaled by their FLOPs. Measured against the training that followed:
     docs/BENCHMARKS.md, "The default run on each kind of machine"."""
 
     def __init__(self, faster_preset: str | None = None, timed_steps: int = 6, long_seconds: float = 20 * 60,
@@ -124,7 +122,7 @@ class RunEstimate(L.Callback):
         self.faster_preset, self.timed_steps, self.long_seconds = faster_preset, timed_steps, long_seconds
         self.warmup_steps = warmup_steps
         self._times: list[float] = []
-        self._last: float | None = None  # when the step before ended (None: the epoch's first)
+        self._start = 0.0
         self._phases: list[tuple[int, int]] = []
         self.estimate_seconds: float | None = None
 
@@ -139,19 +137,13 @@ class RunEstimate(L.Callback):
         flops = per_epoch * sum(n * f for n, f in self._phases)
         print(f"training: {flops / 1e15:.3f} PFLOP ({per_epoch * epochs:,} images seen, forward and backward)", flush=True)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last = None  # the epoch's first step does not carry the validation before it
-
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:  # noqa: ANN001
-        if self._last is None:
-            self._last = time.perf_counter()
+        self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
         if self.estimate_seconds is not None or not trainer.is_global_zero:
             return
-        now = time.perf_counter()
-        self._times.append(now - (self._last or now))
-        self._last = now
+        self._times.append(time.perf_counter() - self._start)
         total = int(pl_module.total_steps())
         # A short run is timed on what it has: its steps after the first (always a warm-up).
         skip = min(self.warmup_steps, max(total - 1 - self.timed_steps, 1))
