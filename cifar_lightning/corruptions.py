@@ -36,11 +36,11 @@ SEVERITIES: dict[str, tuple[float, ...]] = {
 CORRUPTIONS = tuple(SEVERITIES)
 
 
-def jpeg(images: torch.Tensor, quality: float) -> torch.Tensor:
+def jpeg(images: torch.Tensor, quality: float, subsampling: str = "4:2:0") -> torch.Tensor:
     out = np.empty_like(images.numpy())
     for i, im in enumerate(images.permute(0, 2, 3, 1).numpy()):
         buf = io.BytesIO()
-        Image.fromarray(im).save(buf, format="JPEG", quality=int(quality), subsampling="4:2:0")
+        Image.fromarray(im).save(buf, format="JPEG", quality=int(quality), subsampling=subsampling)
         buf.seek(0)
         with Image.open(buf) as decoded:
             out[i] = np.asarray(decoded.convert("RGB")).transpose(2, 0, 1)

@@ -7,26 +7,12 @@ each of Pillow's chroma layouts (4:2:0 is what ``--corruptions`` uses), at the t
 from __future__ import annotations
 
 import argparse
-import io
 import json
 
-import numpy as np
-import torch
-from PIL import Image
-
 from cifar_lightning.calibration import accuracy, apply_temperature, ece
+from cifar_lightning.corruptions import jpeg
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.inference import load_classifier
-
-
-def pillow_jpeg(images: torch.Tensor, quality: int, subsampling: str) -> torch.Tensor:
-    out = np.empty_like(images.numpy())
-    for i, im in enumerate(images.permute(0, 2, 3, 1).numpy()):
-        buf = io.BytesIO()
-        Image.fromarray(im).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
-        with Image.open(buf) as decoded:
-            out[i] = np.asarray(decoded.convert("RGB")).transpose(2, 0, 1)
-    return torch.from_numpy(out)
 
 
 def main() -> None:
@@ -40,7 +26,7 @@ def main() -> None:
     dm.setup("test")
     x, y = dm.test_set.images, dm.test_set.labels
     clf = load_classifier(args.model, calibrate=False)
-    for name, imgs in [("clean", x), *((f"jpeg75 {s}", pillow_jpeg(x, 75, s)) for s in ("4:2:0", "4:2:2", "4:4:4"))]:
+    for name, imgs in [("clean", x), *((f"jpeg75 {s}", jpeg(x, 75, s)) for s in ("4:2:0", "4:2:2", "4:4:4"))]:
         lg = clf.logits(imgs, 500).double()
         eces = {str(t): round(ece(apply_temperature(lg, t).softmax(-1), y), 4) for t in args.t}
         print(json.dumps({"copy": name, "acc": round(accuracy(lg, y), 4), "ece_at_t": eces}), flush=True)

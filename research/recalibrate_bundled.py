@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -24,11 +23,11 @@ from cifar_lightning import bundled, calibration
 from cifar_lightning.corruptions import jpeg
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.fileio import atomic_write_text, sha256_of
-from cifar_lightning.inference import load_classifier
+from cifar_lightning.inference import Classifier, load_classifier
 
 
-def scored(model: Path, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    probs = load_classifier(model).probabilities(images, batch_size=500)
+def scored(clf: Classifier, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    probs = clf.probabilities(images, batch_size=500)
     return calibration.accuracy(probs, labels), calibration.ece(probs, labels)
 
 
@@ -54,8 +53,9 @@ def main() -> None:
     atomic_write_text(sidecar, json.dumps(meta, indent=2))
     test, test_y = dm.test_set.images, dm.test_set.labels
     subset = torch.tensor(bundled.check_subset(len(test_y)))
-    test_acc, test_ece = scored(model, test, test_y)
-    jpeg_acc, jpeg_ece = scored(model, jpeg(test, 75), test_y)
+    clf = load_classifier(model)  # as the file now reads: its new T decides which images take six views
+    test_acc, test_ece = scored(clf, test, test_y)
+    jpeg_acc, jpeg_ece = scored(clf, jpeg(test, 75), test_y)
     index = bundled.index()
     record = index[args.name]
     record.update({
@@ -64,7 +64,7 @@ def main() -> None:
         "temperature_before": before,
         "calibrated_on": "its 2,000 held-out images and a JPEG-75 copy of each (--calib-jpeg), refitted by research/recalibrate_bundled.py",
         "test_acc": test_acc,
-        "check_acc": scored(model, test[subset], test_y[subset])[0],
+        "check_acc": scored(clf, test[subset], test_y[subset])[0],
         "test_ece": test_ece,
         "jpeg75_acc": jpeg_acc,
         "jpeg75_ece": jpeg_ece,

@@ -110,8 +110,9 @@ def main() -> None:
         run = {"model": model, "tta": level, "test_acc": round(accuracy(test, test_y), 4), "fits": {}}
         for fit_name, fitter in FITTERS.items():
             name = f"{fit_name}, tta {level}" if level else fit_name
-            folds_ece = [ece(apply(held[s], fitter(held[f], held_y[f])).softmax(-1), held_y[s]) for f, s in folds]
-            folds_nll = [float(F.cross_entropy(apply(held[s], fitter(held[f], held_y[f])), held_y[s])) for f, s in folds]
+            scored = [(apply(held[s], fitter(held[f], held_y[f])), held_y[s]) for f, s in folds]  # one fit a fold
+            folds_ece = [ece(lg.softmax(-1), y) for lg, y in scored]
+            folds_nll = [float(F.cross_entropy(lg, y)) for lg, y in scored]
             two_fold[name] += folds_ece
             two_fold_nll[name] += folds_nll
             params = fitter(held, held_y)
