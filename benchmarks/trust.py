@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import REPO, device_for, normalised, rate_label, reference_rate, training_precision
+from cifar_lightning.runs import version_of
 
 DEFAULT_VARIANTS = [
     "standard=--preset 94 --augment standard --calibrate none",
@@ -42,13 +43,20 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
     log = logs / "job.log"
     logs.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "cifar_lightning"]
-    train = [*base, "train", "--data-dir", args.data_dir, "--log-dir", str(logs), "--seed", str(seed),
-             "--accelerator", args.accelerator, "--no-progress-bar", *flags.split()]  # fmt: skip
+    run = newest_run(logs)
+    # A job an earlier invocation finished is read back, and one it left mid-run resumes from its
+    # last.ckpt (exactly, as any run does), so a study cut off by a session's end goes on from there.
+    done, stopped = (run / "results.json").is_file(), (run / "checkpoints" / "last.ckpt").is_file()
+    recipe = ["--resume", "last"] if stopped and not done else ["--seed", str(seed), *flags.split()]
+    train = [*base, "train", "--data-dir", args.data_dir, "--log-dir", str(logs), "--accelerator", args.accelerator,
+             "--no-progress-bar", *recipe]  # fmt: skip
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.call(train, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    with open(log, "a") as f:
+        code = 0 if done else subprocess.call(train, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         result: dict[str, Any] = {"variant": name, "seed": seed, "flags": flags, "train_exit": code}
-        run = logs / "version_0"
+        if stopped and not done:
+            result["resumed"] = True
+        run = newest_run(logs)
         if code != 0 or not (run / "results.json").is_file():
             return result
         r = json.loads((run / "results.json").read_text())
@@ -61,9 +69,10 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
             evaluate = [*base, "evaluate", r["best_checkpoint"], "--data-dir", args.data_dir, "--corruptions",
                         "--accelerator", args.accelerator, "--out", str(logs / "report"), "--grid", "16",
                         "--split", args.split]  # fmt: skip
-            code = subprocess.call(evaluate, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-            result["evaluate_exit"] = code
             metrics_file = logs / "report" / "metrics.json"
+            code = 0 if done and metrics_file.is_file() else subprocess.call(evaluate, stdout=f, stderr=subprocess.STDOUT,
+                                                                             env=env, cwd=REPO)  # fmt: skip
+            result["evaluate_exit"] = code
             if code == 0 and metrics_file.is_file():
                 m = json.loads(metrics_file.read_text())
                 result["clean_accuracy"] = m["accuracy"]  # on --split (the test split unless asked)
@@ -74,6 +83,11 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
                 result["corruptions"] = {k: [round(r["accuracy"], 4) for r in v] for k, v in m["corruptions"].items()}
     result["job_seconds"] = time.perf_counter() - t0
     return result
+
+
+def newest_run(logs: Path) -> Path:
+    """The job's newest LOG_DIR/version_N (version_0 before its first run)."""
+    return max((p for p in logs.glob("version_*") if version_of(p) is not None), key=version_of, default=logs / "version_0")
 
 
 def run_precision(precision: str, accelerator: str) -> str:
