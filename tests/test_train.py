@@ -456,6 +456,24 @@ def test_the_run_estimate_scales_each_phase_by_its_flops() -> None:
     assert est.relative_steps(SimpleNamespace(current_epoch=4), 517, 200) == pytest.approx(317)
 
 
+def test_the_time_left_after_a_resume_prices_steps_not_the_partial_epoch(monkeypatch, capsys) -> None:  # noqa: ANN001
+    """A run resumed in epoch 6 of 13 times only the part of epoch 6 it trains: the time left is
+    that part's time per step over the steps left, not its (short) time per epoch."""
+    from types import SimpleNamespace
+
+    from cifar_lightning import callbacks
+
+    clock = iter([1000.0, 1060.0])  # the resumed part: 30 steps in 60 s
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    report = callbacks.EpochReport()
+    module = SimpleNamespace(total_steps=lambda: 1300, log=lambda *a, **k: None)  # 13 epochs of 100 steps
+    trainer = SimpleNamespace(global_step=570, current_epoch=5, max_epochs=13, is_global_zero=True, callback_metrics={})
+    report.on_train_start(trainer, module)
+    trainer.global_step = 600
+    report.on_train_epoch_end(trainer, module)
+    assert "about 23m20s left" in capsys.readouterr().out  # 700 steps at 2 s
+
+
 def test_a_long_run_names_a_preset_that_costs_clearly_less() -> None:
     """93 costs about what the Muon 94 does (0.27 against 0.276 PFLOP): a long 94 run names 90."""
     names = {p: training.faster_preset(recipes.build({"preset": p})) for p in ("96", "95", "94", "93", "90", "seed")}
