@@ -55,27 +55,30 @@ cd "$(dirname "$0")/.."
 data=${1:?usage: research/photo95_cpu.sh DATA_DIR [SEEDS...]}
 shift
 base="--preset 95 --val-size 2000 --augment robust --jpeg-quality-min 50"
+# On a lent GPU (research/gpu_photo95.sh): ACCEL=gpu, WORKERS jobs at once, the folders under ROOT.
+root=${ROOT:-docs/speed/photo95}
+run="--accelerator ${ACCEL:-auto} --workers ${WORKERS:-1}"
 if [ "${ROUND:-screen}" = test ]; then
-    exec .venv/bin/python -m benchmarks.trust --data-dir "$data" --out docs/speed/photo95/test --split test \
+    exec ${PYTHON:-.venv/bin/python} -m benchmarks.trust --data-dir "$data" --out $root/test $run --split test \
         --seeds ${@:-8 9 10 11} \
         --variant "r95_half=--preset 95 --val-size 0 --augment robust --jpeg-quality-min 50 --robust-from 0.5"
 fi
 if [ "${ROUND:-screen}" = muontest ]; then
-    exec .venv/bin/python -m benchmarks.trust --data-dir "$data" --out docs/speed/photo95/muon/test --split test \
+    exec ${PYTHON:-.venv/bin/python} -m benchmarks.trust --data-dir "$data" --out $root/muon/test $run --split test \
         --seeds ${@:-8 9 10 11} \
         --variant "r95_muon_half=--preset 95 --val-size 0 --augment robust --jpeg-quality-min 50 --robust-from 0.5 --optimizer muon --muon-lr 0.15 --warmup-fraction 0.1 --calib-jpeg"
 fi
 if [ "${ROUND:-screen}" = jpeg ]; then
-    exec .venv/bin/python -m benchmarks.trust --data-dir "$data" --out docs/speed/photo95/jpeg --split val \
+    exec ${PYTHON:-.venv/bin/python} -m benchmarks.trust --data-dir "$data" --out $root/jpeg $run --split val \
         --seeds ${@:-0} \
         --variant "r95_muon_half_jpeg75=$base --robust-from 0.5 --optimizer muon --muon-lr 0.15 --warmup-fraction 0.1 --jpeg 0.75"
 fi
 if [ "${ROUND:-screen}" = muon ]; then
-    exec .venv/bin/python -m benchmarks.trust --data-dir "$data" --out docs/speed/photo95/muon --split val \
+    exec ${PYTHON:-.venv/bin/python} -m benchmarks.trust --data-dir "$data" --out $root/muon $run --split val \
         --seeds ${@:-0} \
         --variant "r95_muon_half=$base --robust-from 0.5 --optimizer muon --muon-lr 0.15 --warmup-fraction 0.1"
 fi
-exec .venv/bin/python -m benchmarks.trust --data-dir "$data" --out docs/speed/photo95 --split val \
+exec ${PYTHON:-.venv/bin/python} -m benchmarks.trust --data-dir "$data" --out $root $run --split val \
     --seeds ${@:-0} \
     --variant "r95_last3=$base --robust-from 0.77" \
     --variant "r95_half=$base --robust-from 0.5"
