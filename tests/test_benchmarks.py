@@ -56,3 +56,33 @@ def test_the_engines_benchmark_times_each_engine_of_a_checkpoint(trained, capsys
     inference.main()
     engines = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.rstrip().endswith("x")]
     assert engines == ["eager", "eager", "TorchScript", "onnxruntime"]
+
+
+def test_the_trust_sweep_reads_back_a_finished_job_and_resumes_a_stopped_one(tmp_path: Path, monkeypatch) -> None:
+    """A study cut off by a session's end goes on: a job with results and a report is read back
+    without running anything, and one with only a last.ckpt resumes it (its recipe from its record)."""
+    import argparse
+
+    from benchmarks import trust
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(trust.subprocess, "call", lambda argv, **kw: calls.append([str(a) for a in argv]) or 1)
+    args = argparse.Namespace(out=tmp_path, data_dir="data", accelerator="cpu", corruptions=True, split="test")
+    done = tmp_path / "v" / "seed8"
+    (done / "version_0").mkdir(parents=True)
+    (done / "version_0" / "results.json").write_text(json.dumps(
+        {"test_acc": 0.94, "best_checkpoint": "b.ckpt", "train_seconds": [1.0, 2.0], "config": {}}))  # fmt: skip
+    (done / "report").mkdir()
+    (done / "report" / "metrics.json").write_text(json.dumps(
+        {"accuracy": 0.94, "ece": 0.01, "corruption_mean_accuracy": 0.86, "corruption_mean_ece": 0.04,
+         "corruptions": {"jpeg": [{"label": "q75", "accuracy": 0.92}]}}))  # fmt: skip
+    r = trust.run_job("v", "--preset 95", 8, args, {})
+    assert calls == [] and r["test_acc"] == 0.94 and r["jpeg75_accuracy"] == 0.92 and r["train_seconds"] == 3.0
+    stopped = tmp_path / "v" / "seed9" / "version_0" / "checkpoints"
+    stopped.mkdir(parents=True)
+    (stopped / "last.ckpt").write_bytes(b"")
+    r = trust.run_job("v", "--preset 95", 9, args, {})
+    assert r["resumed"] and r["train_exit"] == 1 and len(calls) == 1
+    assert calls[0][-2:] == ["--resume", "last"] and "--seed" not in calls[0] and "--preset" not in calls[0]
+    trust.run_job("v", "--preset 95", 10, args, {})  # nothing there yet: a new run with its seed and flags
+    assert calls[1][-4:] == ["--seed", "10", "--preset", "95"]
