@@ -235,7 +235,7 @@ def check_resume_agrees(cfg: TrainConfig, classes: list[str], module: ImageClass
 
 def load_init_weights(module: ImageClassifier, cfg: TrainConfig) -> None:
     """--init-from: the network's weights from another run (a refit) or from a safetensors
-    export such as ``pretrained:94`` (a fine-tune, e.g. ``--preset photo``), nothing of its state:
+    export such as ``pretrained:94`` (a fine-tune), nothing of its state:
     any weights file ``modelfile.open_model`` reads and checks. A float16 export is widened to
     the module's float32."""
     try:
