@@ -5,7 +5,7 @@
 #   call 1, carry .gpu-data/part1.npz:  bash research/gpu_photo95.sh unpack .gpu-data/part1.npz
 #   call 2, carry .gpu-data/part2.npz:  bash research/gpu_photo95.sh run [SEEDS...]
 # Each round's summary.json (and each seed's evaluate metrics) lands in $OUT/ as its jobs end; the checkpoints
-# stay in /tmp there. Seeds that already ran (on a CPU, in docs/speed/photo95/muon/test) need not run again.
+# stay in /tmp there. Name only the seeds still missing: those run on a CPU are in docs/speed/photo95/muon/test/.
 source research/gpu_common.sh
 shift
 R=/tmp/photo95
