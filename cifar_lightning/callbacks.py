@@ -31,8 +31,7 @@ class EpochReport(L.Callback):
         self.epoch_seconds: list[float] = []
         self._start = 0.0
         self._train_end = 0.0
-        self._steps_timed = 0  # optimiser steps inside epoch_seconds
-        self._first_step = 0
+        self._first_step = 0  # the global step training started (or resumed) at
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed mid-epoch gets no epoch-start hook for its first (partial) epoch.
@@ -42,7 +41,6 @@ class EpochReport(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
         self._train_end = 0.0
-        self._first_step = trainer.global_step
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation runs inside the training epoch, after its last batch.
@@ -54,7 +52,6 @@ class EpochReport(L.Callback):
         train = (self._train_end or now) - self._start
         self.train_seconds.append(train)
         self.epoch_seconds.append(now - self._start)
-        self._steps_timed += trainer.global_step - self._first_step
         pl_module.log("epoch_seconds", now - self._start, on_epoch=True, on_step=False)
         if not trainer.is_global_zero:
             return
@@ -71,9 +68,10 @@ class EpochReport(L.Callback):
     def seconds_left(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """The steps left at the time per step so far. Per step, not per epoch: the first epoch
         of a run resumed mid-epoch is a part of one, and would price every epoch left as short."""
-        if not self._steps_timed or not hasattr(pl_module, "total_steps"):
+        timed = trainer.global_step - self._first_step  # every step since the start lies in a timed epoch
+        if timed <= 0 or not hasattr(pl_module, "total_steps"):
             return 0.0
-        return max(pl_module.total_steps() - trainer.global_step, 0) * sum(self.epoch_seconds) / self._steps_timed
+        return max(pl_module.total_steps() - trainer.global_step, 0) * sum(self.epoch_seconds) / timed
 
 
 def _duration(seconds: float) -> str:
