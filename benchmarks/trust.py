@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import REPO, device_for, normalised, rate_label, reference_rate, training_precision
-from cifar_lightning.runs import version_of
+from cifar_lightning import runs
 
 DEFAULT_VARIANTS = [
     "standard=--preset 94 --augment standard --calibrate none",
@@ -46,7 +46,7 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
     run = newest_run(logs)
     # A job an earlier invocation finished is read back, and one it left mid-run resumes from its
     # last.ckpt (exactly, as any run does), so a study cut off by a session's end goes on from there.
-    done, stopped = (run / "results.json").is_file(), (run / "checkpoints" / "last.ckpt").is_file()
+    done, stopped = (run / runs.RESULTS).is_file(), runs.last_checkpoint(run).is_file()
     recipe = ["--resume", "last"] if stopped and not done else ["--seed", str(seed), *flags.split()]
     train = [*base, "train", "--data-dir", args.data_dir, "--log-dir", str(logs), "--accelerator", args.accelerator,
              "--no-progress-bar", *recipe]  # fmt: skip
@@ -57,9 +57,9 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
         if stopped and not done:
             result["resumed"] = True
         run = newest_run(logs)
-        if code != 0 or not (run / "results.json").is_file():
+        if code != 0 or not (run / runs.RESULTS).is_file():
             return result
-        r = json.loads((run / "results.json").read_text())
+        r = json.loads((run / runs.RESULTS).read_text())
         result |= {k: r.get(k) for k in ("test_acc", "test_ece", "test_ece_uncalibrated", "wall_seconds", "best_val_acc")}
         result["temperature"] = (r.get("calibration") or {}).get("temperature")
         result["train_seconds"] = sum(r.get("train_seconds") or [])
@@ -87,7 +87,7 @@ def run_job(name: str, flags: str, seed: int, args: argparse.Namespace, env: dic
 
 def newest_run(logs: Path) -> Path:
     """The job's newest LOG_DIR/version_N (version_0 before its first run)."""
-    return max((p for p in logs.glob("version_*") if version_of(p) is not None), key=version_of, default=logs / "version_0")
+    return max((p for p in logs.glob("version_*") if runs.version_of(p) is not None), key=runs.version_of, default=logs / "version_0")
 
 
 def run_precision(precision: str, accelerator: str) -> str:
