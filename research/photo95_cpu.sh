@@ -57,30 +57,22 @@ cd "$(dirname "$0")/.."
 data=${1:?usage: research/photo95_cpu.sh DATA_DIR [SEEDS...]}
 shift
 base="--preset 95 --val-size 2000 --augment robust --jpeg-quality-min 50"
+test="--preset 95 --val-size 0 --augment robust --jpeg-quality-min 50"  # the test seeds train on all 48,000
+muon="--optimizer muon --muon-lr 0.15 --warmup-fraction 0.1"             # preset 94's Muon settings
 # On a lent GPU (research/gpu_photo95.sh): ACCEL=gpu, WORKERS jobs at once, the folders under ROOT.
 root=${ROOT:-docs/speed/photo95}
-run="--accelerator ${ACCEL:-auto} --workers ${WORKERS:-1}"
-if [ "${ROUND:-screen}" = test ]; then
-    exec ${PYTHON:-.venv/bin/python} -m benchmarks.trust --data-dir "$data" --out $root/test $run --split test \
-        --seeds ${@:-8 9 10 11} \
-        --variant "r95_half=--preset 95 --val-size 0 --augment robust --jpeg-quality-min 50 --robust-from 0.5"
-fi
-if [ "${ROUND:-screen}" = muontest ]; then
-    exec ${PYTHON:-.venv/bin/python} -m benchmarks.trust --data-dir "$data" --out $root/muon/test $run --split test \
-        --seeds ${@:-8 9 10 11} \
-        --variant "r95_muon_half=--preset 95 --val-size 0 --augment robust --jpeg-quality-min 50 --robust-from 0.5 --optimizer muon --muon-lr 0.15 --warmup-fraction 0.1 --calib-jpeg"
-fi
-if [ "${ROUND:-screen}" = jpeg ]; then
-    exec ${PYTHON:-.venv/bin/python} -m benchmarks.trust --data-dir "$data" --out $root/jpeg $run --split val \
-        --seeds ${@:-0} \
-        --variant "r95_muon_half_jpeg75=$base --robust-from 0.5 --optimizer muon --muon-lr 0.15 --warmup-fraction 0.1 --jpeg 0.75"
-fi
-if [ "${ROUND:-screen}" = muon ]; then
-    exec ${PYTHON:-.venv/bin/python} -m benchmarks.trust --data-dir "$data" --out $root/muon $run --split val \
-        --seeds ${@:-0} \
-        --variant "r95_muon_half=$base --robust-from 0.5 --optimizer muon --muon-lr 0.15 --warmup-fraction 0.1"
-fi
-exec ${PYTHON:-.venv/bin/python} -m benchmarks.trust --data-dir "$data" --out $root $run --split val \
-    --seeds ${@:-0} \
-    --variant "r95_last3=$base --robust-from 0.77" \
-    --variant "r95_half=$base --robust-from 0.5"
+# sweep OUT SPLIT DEFAULT_SEEDS --variant ...: one benchmarks.trust call; the seeds given on the command line win.
+sweep() {
+    out=$1 split=$2 seeds=$3
+    shift 3
+    exec ${PYTHON:-.venv/bin/python} -m benchmarks.trust --data-dir "$data" --out "$root$out" \
+        --accelerator "${ACCEL:-auto}" --workers "${WORKERS:-1}" --split "$split" --seeds ${given:-$seeds} "$@"
+}
+given="$*"
+case "${ROUND:-screen}" in
+    test) sweep /test test "8 9 10 11" --variant "r95_half=$test --robust-from 0.5" ;;
+    muontest) sweep /muon/test test "8 9 10 11" --variant "r95_muon_half=$test --robust-from 0.5 $muon --calib-jpeg" ;;
+    jpeg) sweep /jpeg val 0 --variant "r95_muon_half_jpeg75=$base --robust-from 0.5 $muon --jpeg 0.75" ;;
+    muon) sweep /muon val 0 --variant "r95_muon_half=$base --robust-from 0.5 $muon" ;;
+    *) sweep "" val 0 --variant "r95_last3=$base --robust-from 0.77" --variant "r95_half=$base --robust-from 0.5" ;;
+esac
