@@ -102,6 +102,17 @@ def recipe_of(spec: str) -> dict[str, Any]:
     return {"preset": record["preset"]} if isinstance(record.get("preset"), str) else {}
 
 
+def trained(preset: str | None) -> str | None:
+    """The bundled model that is ``--preset PRESET`` as it is now, already trained: one whose record's
+    command sets nothing but the preset, a seed and the data folder. A model trained before its
+    preset changed has its old recipe written out in flags (as ``94``'s record does), so it is none."""
+    for name, record in index().items():
+        words = str(record.get("command", "")).split()
+        if preset and words[:3] == ["cifar-train", "--preset", preset] and set(words[3::2]) <= {"--seed", "--data-dir"}:
+            return PREFIX + name
+    return None
+
+
 def describe(spec: str | Path) -> str:
     """How a command names the model it uses: the bundled name with its recorded accuracy, or the path."""
     if not is_bundled(spec):

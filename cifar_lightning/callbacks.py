@@ -118,7 +118,7 @@ class RunEstimate(L.Callback):
     """Says early how long the run will take here: the recipe's training PFLOP when training
     starts, then, after its first timed steps, the whole run's training time on this machine.
     Machines differ by 5-6x (an AMX CPU in bf16 against an AVX2-only one in fp32), so a figure
-    measured elsewhere would mislead. A long run names a faster preset.
+    measured elsewhere would mislead. A long run names what is quicker (``training.long_run_hint``).
 
     The first ``warmup_steps`` are not the steady state (kernels chosen, memory first touched:
     on a 2-core EPYC steps 2-4 ran 12% over the run's median step), so the median of the
@@ -126,9 +126,9 @@ class RunEstimate(L.Callback):
     frozen) are scaled by their FLOPs. Measured against the training that followed:
     docs/BENCHMARKS.md, "The default run on each kind of machine"."""
 
-    def __init__(self, faster_preset: str | None = None, timed_steps: int = 6, long_seconds: float = 20 * 60,
+    def __init__(self, hint: str | None = None, timed_steps: int = 6, long_seconds: float = 20 * 60,
                  warmup_steps: int = 4) -> None:  # fmt: skip
-        self.faster_preset, self.timed_steps, self.long_seconds = faster_preset, timed_steps, long_seconds
+        self.hint, self.timed_steps, self.long_seconds = hint, timed_steps, long_seconds
         self.warmup_steps = warmup_steps
         self._times: list[float] = []
         self._start = 0.0
@@ -163,8 +163,8 @@ class RunEstimate(L.Callback):
         left = step * self.relative_steps(trainer, total, trainer.global_step)
         line = (f"estimate: {total} steps at {step:.2f} s a step ({trainer.precision}, measured on the first steps here): "
                 f"about {_duration(self.estimate_seconds)} of training in all, {_duration(left)} of it left")  # fmt: skip
-        if self.estimate_seconds > self.long_seconds and self.faster_preset:
-            line += f"; for a quicker run try --preset {self.faster_preset}"
+        if self.estimate_seconds > self.long_seconds and self.hint:
+            line += f"; {self.hint}"
         print(line, flush=True)
 
     def relative_steps(self, trainer: L.Trainer, total: int, done: int) -> float:

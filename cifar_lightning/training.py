@@ -35,7 +35,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cifar_lightning import calibration, runs
+from cifar_lightning import bundled, calibration, runs
 from cifar_lightning.callbacks import EpochReport, Lookahead, RunEstimate, StepCheckpoint, StopOnSignal, TensorBoardImages
 from cifar_lightning.checkpoint import checkpoint_bytes, load_checkpoint, non_finite_tensor
 from cifar_lightning.corruptions import jpeg
@@ -55,7 +55,8 @@ from cifar_lightning.inference import Classifier, checkpoint_classifier, load_cl
 from cifar_lightning.modelfile import open_model
 from cifar_lightning.models import MODELS
 from cifar_lightning.module import ImageClassifier, NonFiniteLossError
-from cifar_lightning.recipes import FIELDS, TrainConfig, parse_max_time, read_yaml
+from cifar_lightning.recipes import FIELDS, SECTIONS, TrainConfig, parse_max_time, read_yaml
+from cifar_lightning.recipes import build as build_recipe
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -318,7 +319,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, classes: list[str], checkpoin
         callbacks=[
             *checkpoints.callbacks(), LearningRateMonitor("step"), EpochReport(),
             TensorBoardImages(classes, every_n_epochs=cfg.log_images_every),
-            *([Lookahead()] if cfg.lookahead else []), RunEstimate(faster_preset(cfg)), *(callbacks or []),
+            *([Lookahead()] if cfg.lookahead else []), RunEstimate(long_run_hint(cfg)), *(callbacks or []),
         ],
         enable_progress_bar=progress, log_every_n_steps=max(1, min(10, steps_per_epoch // 4)), enable_model_summary=progress,
         **({} if has_val else {"limit_val_batches": 0, "num_sanity_val_steps": 0}),
@@ -417,6 +418,23 @@ def faster_preset(cfg: TrainConfig) -> str | None:
     """The preset to name when a run looks long: the next one of the fast network that costs
     clearly less. 93 (0.27 PFLOP) is no longer that for 94 (Muon, 0.276): both name 90."""
     return {"96": "95", "95": "94", "94": "90", "93": "90"}.get(cfg.preset)
+
+
+#: what a run may change of its preset and still train the preset's model: where the data lives,
+#: the seed, and how the trainer runs (the --help sections "trainer" and "runs and checkpoints")
+_NOT_THE_RECIPE = {"data_dir", "data_source", "download", "num_workers", *SECTIONS["trainer"], *SECTIONS["runs and checkpoints"]}
+
+
+def long_run_hint(cfg: TrainConfig) -> str | None:
+    """What a long run's estimate adds: the bundled model that is this very recipe, already
+    trained (``bundled.trained``), else a preset that costs clearly less."""
+    done = bundled.trained(cfg.preset)
+    if done:
+        plain, mine = build_recipe({"preset": cfg.preset}).to_dict(), cfg.to_dict()
+        if all(mine[k] == plain[k] for k in plain if k not in _NOT_THE_RECIPE):
+            return f"{done} is this recipe, already trained"
+    faster = faster_preset(cfg)
+    return f"for a quicker run try --preset {faster}" if faster else None
 
 
 def write_results(cfg: TrainConfig, trainer: L.Trainer, run_dir: Path, test_metrics: dict, tested: str,

@@ -129,6 +129,15 @@ def test_photo_is_the_default_and_its_record_says_what_it_started_from() -> None
     assert record["command"].startswith("cifar-train --preset photo --seed ")
 
 
+def test_a_bundled_model_is_its_preset_trained_only_if_its_command_sets_nothing_else(monkeypatch) -> None:
+    """A model trained before its preset changed records the old recipe in flags (as 94's does):
+    it is not what the preset trains now."""
+    records = {"a": {"file": "a.safetensors", "command": "cifar-train --preset 95 --seed 8 --data-dir d"},
+               "b": {"file": "b.safetensors", "command": "cifar-train --preset 94 --seed 0 --optimizer sgd --data-dir d"}}
+    monkeypatch.setattr(bundled, "index", lambda: records)
+    assert [bundled.trained(p) for p in ("95", "94", "90", None)] == ["pretrained:a", None, None, None]
+
+
 @pytest.mark.parametrize("spec, says", [("pretrained:nope", "no such bundled model"),
                                         ("pretrained:tiny", "a 'seed' network cannot initialise")])  # fmt: skip
 def test_a_bundled_start_that_cannot_be_is_one_line_before_any_run(fake_bundle, tmp_path: Path, capsys, spec: str, says: str) -> None:

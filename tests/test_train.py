@@ -19,7 +19,7 @@ from conftest import call, copy_of_seed_run, one_error_line, probe_memory, tiny_
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cifar_lightning import load_classifier, recipes, training
+from cifar_lightning import bundled, load_classifier, recipes, training
 from cifar_lightning.cli import evaluate_main, export_main, train_main
 from cifar_lightning.errors import ConfigError, shown
 from cifar_lightning.inference import as_uint8_batch
@@ -478,3 +478,14 @@ def test_a_long_run_names_a_preset_that_costs_clearly_less() -> None:
     """93 costs about what the Muon 94 does (0.27 against 0.276 PFLOP): a long 94 run names 90."""
     names = {p: training.faster_preset(recipes.build({"preset": p})) for p in ("96", "95", "94", "93", "90", "seed")}
     assert names == {"96": "95", "95": "94", "94": "90", "93": "90", "90": None, "seed": None}
+    assert training.long_run_hint(recipes.build({"preset": "95"})) == "for a quicker run try --preset 94"
+
+
+@pytest.mark.skipif("photo" not in bundled.index(), reason="built without the photo model")
+def test_a_long_photo_run_says_its_recipe_is_bundled_already_trained_unless_it_changes_the_recipe() -> None:
+    """--preset photo is pretrained:photo's recipe: its seed, data folder and trainer may differ;
+    another epoch count is another recipe, and photo has no quicker preset to name."""
+    same = recipes.build({"preset": "photo", "seed": 3, "data_dir": "/elsewhere", "log_dir": "/runs", "precision": "32-true"})
+    assert training.long_run_hint(same) == "pretrained:photo is this recipe, already trained"
+    assert training.long_run_hint(recipes.build({"preset": "photo", "epochs": 5})) is None
+    assert training.long_run_hint(recipes.build({"preset": "photo", "augment": "standard"})) is None
