@@ -414,12 +414,6 @@ def calibrate_checkpoint(path: Path, images: torch.Tensor | None, labels: torch.
     return entry
 
 
-def faster_preset(cfg: TrainConfig) -> str | None:
-    """The preset to name when a run looks long: the next one of the fast network that costs
-    clearly less. 93 (0.27 PFLOP) is no longer that for 94 (Muon, 0.276): both name 90."""
-    return {"96": "95", "95": "94", "94": "90", "93": "90"}.get(cfg.preset)
-
-
 #: what a run may change of its preset and still train the preset's model: where the data lives,
 #: the seed, and how the trainer runs (the --help sections "trainer" and "runs and checkpoints")
 _NOT_THE_RECIPE = {"data_dir", "data_source", "download", "num_workers", *SECTIONS["trainer"], *SECTIONS["runs and checkpoints"]}
@@ -427,13 +421,14 @@ _NOT_THE_RECIPE = {"data_dir", "data_source", "download", "num_workers", *SECTIO
 
 def long_run_hint(cfg: TrainConfig) -> str | None:
     """What a long run's estimate adds: the bundled model that is this very recipe, already
-    trained (``bundled.trained``), else a preset that costs clearly less."""
+    trained (``bundled.trained``), else the next preset of the fast network that costs clearly
+    less. 93 (0.27 PFLOP) is no longer that for 94 (Muon, 0.276): both name 90."""
     done = bundled.trained(cfg.preset)
     if done:
         plain, mine = build_recipe({"preset": cfg.preset}).to_dict(), cfg.to_dict()
         if all(mine[k] == plain[k] for k in plain if k not in _NOT_THE_RECIPE):
             return f"{done} is this recipe, already trained"
-    faster = faster_preset(cfg)
+    faster = {"96": "95", "95": "94", "94": "90", "93": "90"}.get(cfg.preset)
     return f"for a quicker run try --preset {faster}" if faster else None
 
 
