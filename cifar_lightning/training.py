@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_lightning import bundled, calibration, runs
 from cifar_lightning.callbacks import EpochReport, Lookahead, RunEstimate, StepCheckpoint, StopOnSignal, TensorBoardImages
-from cifar_lightning.checkpoint import checkpoint_bytes, load_checkpoint, non_finite_tensor
+from cifar_lightning.checkpoint import checkpoint_bytes, load_checkpoint, non_finite_tensor, state_dict_mismatch
 from cifar_lightning.corruptions import jpeg
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.devices import device_for, resolve_precision
@@ -253,7 +253,7 @@ def load_init_weights(module: ImageClassifier, cfg: TrainConfig) -> None:
     try:
         module.net.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()})
     except RuntimeError as e:
-        raise ConfigError(f"--init-from {cfg.init_from}: weights do not fit ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"--init-from {cfg.init_from}: weights do not fit ({state_dict_mismatch(e)})") from None
 
 
 @dataclass

@@ -155,6 +155,8 @@ CASES = [
          path_of("truncated_ckpt")),  # fmt: skip
     Case("train: --init-from another network", train_main, train("@tree", "--model", "seed", "--init-from", "@fast_ckpt"),
          2, path_of("fast_ckpt")),  # fmt: skip
+    Case("train: --init-from the same network at other widths", train_main,
+         train("@tree", "--preset", "94", "--widths", "8,32,32", "--init-from", "@fast_ckpt"), 2, text("size mismatch")),  # fmt: skip
     Case("train: --init-from malicious pickle", train_main, train("@tree", "--init-from", "@evil_ckpt"), 2,
          path_of("evil_ckpt")),  # fmt: skip
     Case("train: --resume malicious pickle", train_main, train("@tree", "--resume", "@evil_ckpt"), 2, path_of("evil_ckpt")),
