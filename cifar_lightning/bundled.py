@@ -113,10 +113,13 @@ def trained(preset: str | None) -> str | None:
     return None
 
 
+def test_accuracy(spec: str | Path) -> float | None:
+    """A bundled model's test accuracy as measured through its file (its record's); None for a path."""
+    acc = index().get(str(spec)[len(PREFIX):], {}).get("test_acc") if is_bundled(spec) else None
+    return acc if isinstance(acc, float) else None
+
+
 def describe(spec: str | Path) -> str:
     """How a command names the model it uses: the bundled name with its recorded accuracy, or the path."""
-    if not is_bundled(spec):
-        return str(spec)
-    record = index().get(str(spec)[len(PREFIX):], {})
-    acc = record.get("test_acc")
-    return f"{spec} (bundled; {acc:.2%} on the CIFAR-10 test set)" if isinstance(acc, float) else str(spec)
+    acc = test_accuracy(spec)
+    return f"{spec} (bundled; {acc:.2%} on the CIFAR-10 test set)" if acc is not None else str(spec)

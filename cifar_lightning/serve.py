@@ -259,6 +259,8 @@ def model_info(model: str | Path, clf: Any) -> dict[str, Any]:
     accuracy = info.get("test_accuracy")
     if accuracy is None and info.get("kind") == "checkpoint":
         accuracy = known_test_accuracy(path)
+    if accuracy is None:  # a bundled float16 file: its sidecar has none, its record has it measured through the file
+        accuracy = bundled.test_accuracy(model)
     return {
         "model": info["name"],
         "network": str(info.get("model") or path.stem),

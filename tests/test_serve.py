@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.testclient import TestClient
 
 from benchmarks.harness import free_port, launch_server, stop_server
-from cifar_lightning import load_classifier, serve
+from cifar_lightning import bundled, load_classifier, serve
 from cifar_lightning.cli import export_main, serve_main
 from cifar_lightning.images import CLASSES
 from cifar_lightning.inference import Classifier
@@ -89,6 +89,14 @@ def test_info_health_and_the_page(model, client) -> None:
     assert client.get("/health").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "<input id=\"file\"" in page.text and "http" not in page.text.split("<script>")[0].lower()
+
+
+@pytest.mark.skipif("photo" not in bundled.index(), reason="built without the photo model")
+def test_info_of_a_bundled_model_gives_the_accuracy_its_record_measured_through_the_file() -> None:
+    """A float16 export's sidecar has no test accuracy (the run measured float32); the page and
+    /info say what the command line says: the record's figure, measured through that file."""
+    info = serve.model_info("pretrained:photo", load_classifier("pretrained:photo"))
+    assert info["test_accuracy"] == bundled.index()["photo"]["test_acc"]
 
 
 def _bad_requests(model, tmp_path: Path) -> dict[str, tuple[dict, int]]:
