@@ -107,6 +107,9 @@ def split_images(clf: Classifier, data_dir: str, split: str, run_cfg: dict[str, 
         # Same count is not enough: 3 other names would be scored against the wrong labels.
         ours, theirs = shown_names(list(dm.classes)), shown_names(list(clf.class_names))
         raise DataError(f"--data-dir {data_dir}: its classes ({ours}) are not the model's ({theirs})")
+    if len(ds) == 0 and split == "val":
+        raise DataError(f"--split val: the model's run held out no validation images (val_size {dm.hparams.val_size}); "
+                        "score --split test")  # fmt: skip
     if len(ds) == 0:
         raise DataError(f"--split {split}: no images to evaluate")
     return ds

@@ -176,6 +176,8 @@ CASES = [
          text("would overwrite")),  # fmt: skip
     Case("evaluate: --out inside the data dir", evaluate_main, args("@ckpt", "--data-dir", "@tree", "--out", "@tree"), 2,
          text("data dir")),  # fmt: skip
+    Case("evaluate: --split val of a model whose run held none out", evaluate_main,
+         args("pretrained:photo", "--data-dir", "@tree", "--split", "val", "--out", "%report"), 2, text("score --split test")),
     Case("evaluate: missing checkpoint", evaluate_main, args("/no/such.ckpt"), 2, text("/no/such.ckpt")),
     Case("evaluate: random-bytes .ckpt", evaluate_main, args("@random_ckpt", "--out", "%report"), 2, path_of("random_ckpt")),
     Case("evaluate: plain pickle, not a checkpoint", evaluate_main, args("@plain_pickle", "--out", "%report"), 2, path_of("plain_pickle")),
