@@ -10,11 +10,13 @@ venv=${CIFAR_LIGHTNING_VENV:-.venv}
 stamp="$venv/.installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setting up $venv (first run only)..." >&2
-    # torch's x86_64 wheel with its CUDA libraries fills about 7.6 GB: say so before pip half-installs it.
+    # torch's x86_64 wheel with its CUDA libraries fills about 7.6 GB: a new venv says so before
+    # pip half-installs it (a rebuild after a pyproject.toml change reuses what is there).
     need_gb=9
+    fresh=$([ -x "$venv/bin/python" ] || echo 1)
     mkdir -p "$venv"
     free_kb=$(df -Pk "$venv" | awk 'NR == 2 {print $4}')
-    if [ -n "$free_kb" ] && [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
+    if [ -n "$fresh" ] && [ -n "$free_kb" ] && [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
         echo "error: setting up $venv needs about $need_gb GB free; $(df -Ph "$venv" | awk 'NR == 2 {print $6}') has $((free_kb / 1024 / 1024)) GB" >&2
         exit 1
     fi
