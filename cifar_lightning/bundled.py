@@ -96,9 +96,14 @@ def verify(spec: str, path: Path, record: dict[str, Any]) -> None:
                          "reinstall cifar-lightning")  # fmt: skip
 
 
+def record_of(spec: str | Path) -> dict[str, Any]:
+    """The index record a ``pretrained:NAME`` names; {} for a path or an unknown name."""
+    return index().get(str(spec)[len(PREFIX):], {}) if is_bundled(spec) else {}
+
+
 def recipe_of(spec: str) -> dict[str, Any]:
     """What a fine-tune from a bundled model continues: the preset that trained it."""
-    record = index().get(spec[len(PREFIX):], {})
+    record = record_of(spec)
     return {"preset": record["preset"]} if isinstance(record.get("preset"), str) else {}
 
 
@@ -115,7 +120,7 @@ def trained(preset: str | None) -> str | None:
 
 def test_accuracy(spec: str | Path) -> float | None:
     """A bundled model's test accuracy as measured through its file (its record's); None for a path."""
-    acc = index().get(str(spec)[len(PREFIX):], {}).get("test_acc") if is_bundled(spec) else None
+    acc = record_of(spec).get("test_acc")
     return acc if isinstance(acc, float) else None
 
 
