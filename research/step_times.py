@@ -34,12 +34,14 @@ from cifar_lightning.callbacks import RunEstimate
 class StepProbe(L.Callback):
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
-        self._t0 = self._t1 = 0.0
+        self._t0 = self._t1 = self._t_end = 0.0
         self.estimate: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         self._t0 = time.perf_counter()
         self._t1 = 0.0
+        # the loop between two steps: fetching, moving and preparing the batch, the loop's hooks
+        self._between = self._t0 - self._t_end if batch_idx and self._t_end else 0.0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
         self._t1 = time.perf_counter()
@@ -47,7 +49,8 @@ class StepProbe(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         t2 = time.perf_counter()
         self.steps.append({"epoch": trainer.current_epoch, "fwd_bwd": (self._t1 or t2) - self._t0,
-                           "opt": t2 - (self._t1 or t2), "step": t2 - self._t0})  # fmt: skip
+                           "opt": t2 - (self._t1 or t2), "step": t2 - self._t0, "between": self._between})  # fmt: skip
+        self._t_end = t2
 
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
@@ -85,7 +88,9 @@ def main() -> None:
             epochs.setdefault(int(s["epoch"]), []).append(s)
         per_epoch = [{"epoch": e, "steps": len(v), "median_step": statistics.median(x["step"] for x in v),
                       "median_fwd_bwd": statistics.median(x["fwd_bwd"] for x in v),
-                      "median_opt": statistics.median(x["opt"] for x in v), "sum_step": sum(x["step"] for x in v)}
+                      "median_opt": statistics.median(x["opt"] for x in v), "sum_step": sum(x["step"] for x in v),
+                      "median_between": statistics.median(x["between"] for x in v[1:] or v),
+                      "sum_between": sum(x["between"] for x in v)}
                      for e, v in sorted(epochs.items())]  # fmt: skip
         record["runs"][name] = {
             "fields": fields, "batch_size": cfg.batch_size, "wall_s": wall, "train_s": results.get("train_seconds"),
@@ -96,8 +101,8 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
         r = record["runs"][name]
-        print(f"{name}: {r['steps_sum_s']:.1f} s of steps; per epoch median step "
-              + ", ".join(f"{p['median_step']:.3f} (opt {p['median_opt']:.3f})" for p in per_epoch), flush=True)
+        medians = (f"{p['median_step']:.4f} (opt {p['median_opt']:.4f}, between {p['median_between']:.4f})" for p in per_epoch)
+        print(f"{name}: {r['steps_sum_s']:.1f} s of steps; per epoch median step " + ", ".join(medians), flush=True)
 
 
 if __name__ == "__main__":
