@@ -198,11 +198,11 @@ def show_data_main(argv: list[str] | None = None) -> int:
 def export_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="cifar-export",
-        description="Export a checkpoint to safetensors, ONNX, a torch.export program (pt2) or TorchScript (deprecated: "
+        description="Export a checkpoint (or weights) to safetensors, ONNX, a torch.export program (pt2) or TorchScript (deprecated: "
         "for C++ users), each with OUT.json metadata, checked against "
         "the PyTorch network on real test images. The checkpoint's test-time augmentation goes with it.",
     )
-    p.add_argument("checkpoint", help="a Lightning .ckpt written by cifar-train")
+    p.add_argument("checkpoint", help="a .ckpt written by cifar-train, a safetensors export or pretrained:NAME")
     p.add_argument("--format", dest="fmt", metavar="{" + ",".join(EXPORT_FORMATS) + "}", choices=EXPORT_FORMATS, required=True,
                    help="pt2: a torch.export program for Python; torchscript is deprecated (torch 2.14), kept for C++")
     p.add_argument("--out", required=True, help="output file; its metadata goes to OUT.json")

@@ -33,7 +33,7 @@ from cifar_lightning.data import load_splits
 from cifar_lightning.errors import CheckpointError, DataError, ExportError, ModelError
 from cifar_lightning.fileio import atomic_write_files, new_file, refuse_overlap, sha256_of
 from cifar_lightning.images import IMAGE_SIZE, MEAN, STD, normalize
-from cifar_lightning.modelfile import KINDS, SUFFIXES, kind_of
+from cifar_lightning.modelfile import KINDS, SUFFIXES, kind_of, open_model
 from cifar_lightning.module import ImageClassifier
 from cifar_lightning.recipes import EXPORT_FORMATS as FORMATS
 from cifar_lightning.runs import SIDECAR_FORMAT, known_test_accuracy, recorded_data_dir, sidecar_path
@@ -67,11 +67,12 @@ HALF_LIMITS = {"max_abs_logit_diff": 5e-2, "same_top1_fraction": 0.99}
 
 
 def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int, calibrate: bool = True,
-             half: bool = False) -> dict[str, Any]:  # fmt: skip
+             half: bool = False, test_accuracy: float | None = None) -> dict[str, Any]:  # fmt: skip
     hp = module.hparams
     # The run's test accuracy was measured with the checkpoint's own views: it describes this
     # export only when the export keeps them (cifar-evaluate measures any export directly).
-    accuracy = known_test_accuracy(ckpt_path) if tta == hp.tta and not half else None
+    recorded = known_test_accuracy(ckpt_path) if test_accuracy is None else test_accuracy
+    accuracy = recorded if tta == hp.tta and not half else None
     return {
         "format": SIDECAR_FORMAT,
         "version": 2,
@@ -101,13 +102,14 @@ def metadata(module: ImageClassifier, ckpt_path: Path, fmt: str, tta: int, calib
 
 
 def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_images: torch.Tensor,
-           tta: int | None = None, calibrate: bool = True, replace: bool = True, half: bool = False) -> dict[str, Any]:  # fmt: skip
+           tta: int | None = None, calibrate: bool = True, replace: bool = True, half: bool = False,
+           test_accuracy: float | None = None) -> dict[str, Any]:  # fmt: skip
     """Write ``out`` and its JSON sidecar, after checking the written file against the PyTorch
     network (with the same test-time views) on ``check_images`` (normalised floats). Returns
     the check's figures. ``tta`` defaults to the checkpoint's own level; ``calibrate=False``
     leaves the temperature out of a graph (it is still recorded in the sidecar); ``replace=False``
     never replaces a file that appeared at ``out`` meanwhile; ``half`` stores safetensors weights
-    in float16 (checked within ``HALF_LIMITS``).
+    in float16 (checked within ``HALF_LIMITS``); ``test_accuracy``: the source's recorded one (default: its run's).
 
     Each format is serialised in memory first and written by Python: on a full disk the C++
     writers of torch and safetensors abort or raise their own errors, and leave a partial file."""
@@ -117,7 +119,7 @@ def export(module: ImageClassifier, ckpt_path: Path, fmt: str, out: Path, check_
         raise ExportError(f"--half is for safetensors weights; a {fmt} graph is exported in float32")
     level = module.hparams.tta if tta is None else tta
     net = module.net.eval().to(memory_format=torch.contiguous_format)
-    meta = metadata(module, ckpt_path, fmt, level, calibrate, half)
+    meta = metadata(module, ckpt_path, fmt, level, calibrate, half, test_accuracy)
     in_graph = module.temperature if meta["temperature_in_graph"] else 1.0
     reference = models.with_tta(net, level, module.temperature)
     reference = (Tempered(reference, in_graph) if in_graph != 1.0 else reference).eval()
@@ -220,7 +222,7 @@ def check_images(ckpt_path: Path, data_dir: str | None, n: int, download: bool, 
     """Normalised real test images for the export check, and where they came from. Without a
     usable data dir the check never degrades silently: it refuses, unless ``random_ok`` asks
     for seeded random images (which prove the numerics, not the accuracy)."""
-    problem = "the checkpoint's run records no data dir"
+    problem = "the model's run records no data dir"
     try:
         data_dir = recorded_data_dir(ckpt_path, data_dir)
         if data_dir:
@@ -239,19 +241,18 @@ def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite:
                    data_dir: str | None = None, n_check: int = 256, random_check: bool = False, calibrate: bool = True,
                    download: bool = True, half: bool = False) -> int:  # fmt: skip
     """cifar-export: refuse an --out over the checkpoint, export, check, say what it wrote; the exit status."""
-    ckpt_path = source_checkpoint(checkpoint)
-    module = ImageClassifier.from_checkpoint(ckpt_path)
+    module, ckpt_path, accuracy = source_module(checkpoint)
     target = export_path(Path(out), fmt)
     try:
         data = recorded_data_dir(ckpt_path, data_dir)
     except DataError:  # gone: check_images says so below, or --random-check does without it
         data = None
     for path in (target, sidecar_path(target)):
-        refuse_overlap(path, {"checkpoint": ckpt_path, "bundled models": bundled.folder()},
+        refuse_overlap(path, {"model it exports": ckpt_path, "bundled models": bundled.folder()},
                        inside={"data dir": Path(data) if data else None})  # fmt: skip
     target = new_file(target, overwrite, sidecar_path(target))
     images, where = check_images(ckpt_path, data_dir, n_check, download, random_check)
-    check = export(module, ckpt_path, fmt, target, images, tta=tta, calibrate=calibrate, replace=overwrite, half=half)
+    check = export(module, ckpt_path, fmt, target, images, tta, calibrate, replace=overwrite, half=half, test_accuracy=accuracy)
     print(f"wrote {target} and {target.name}.json (test-time views: {module.hparams.tta if tta is None else tta})")
     if fmt == "torchscript":
         print("note: TorchScript is deprecated (torch 2.14); it stays for C++ and mobile; from Python, load a --format pt2 export")
@@ -263,19 +264,30 @@ def export_command(checkpoint: str | Path, fmt: str, out: str | Path, overwrite:
     return 0
 
 
-def source_checkpoint(spec: str | Path) -> Path:
-    """The training checkpoint an export starts from; a model file of another kind (a bundled
-    model, an export) is refused with what can be done instead."""
-    if bundled.is_bundled(spec):
-        raise ExportError(f"{spec}: a bundled model is already an export (float16 safetensors, {bundled.resolve(spec)}); "
-                          "cifar-export reads a training checkpoint (.ckpt); load the bundled one with load_classifier")  # fmt: skip
-    path = Path(spec)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+def source_module(spec: str | Path) -> tuple[ImageClassifier, Path, float | None]:
+    """The network an export starts from, its file and its recorded test accuracy: a training
+    checkpoint, or the weights of a safetensors export or a bundled model, rebuilt from their
+    sidecar (network, test-time views, temperature) so that ``pretrained:94`` goes to ONNX as a
+    run's checkpoint does. A graph export is refused: its views and temperature are inside it."""
+    if not bundled.is_bundled(spec) and not Path(spec).is_file():
+        raise CheckpointError(f"{spec}: no such checkpoint file")
     try:
-        kind = kind_of(path)
+        kind = kind_of(spec)
     except ModelError:
         kind = KINDS["checkpoint"]  # the checkpoint reader says what is wrong with it
-    if kind.name != "checkpoint":
-        raise ExportError(f"{path}: a {kind.name} export, not a training checkpoint; export from the .ckpt that cifar-train wrote")
-    return path
+    if kind.name == "checkpoint":
+        return ImageClassifier.from_checkpoint(Path(spec)), Path(spec), known_test_accuracy(Path(spec))
+    if not kind.weights:
+        raise ExportError(f"{spec}: a graph export ({kind.name}), its test-time views and temperature inside it; "
+                          "export from the .ckpt that cifar-train wrote, a safetensors export or pretrained:NAME")  # fmt: skip
+    opened = open_model(spec)
+    meta, args = opened.meta, dict(opened.meta.get("model_args") or {})
+    if any(not torch.allclose(torch.tensor(meta.get(k) or v), torch.tensor(v)) for k, v in (("mean", MEAN), ("std", STD))):
+        raise ExportError(f"{spec}: its sidecar normalises with another mean/std than this version's exports record")
+    module = ImageClassifier(model=meta["model"], num_classes=int(args.pop("num_classes", len(opened.class_names))),
+                             model_args=args, class_names=opened.class_names, tta=int(meta.get("tta", 0)))  # fmt: skip
+    module.net.load_state_dict(opened.network.state_dict())  # float32, as the loader rebuilt it
+    temperature = meta.get("temperature")
+    module.calibration = meta.get("calibration") or ({"temperature": temperature} if temperature else None)
+    accuracy = bundled.test_accuracy(spec) if bundled.is_bundled(spec) else meta.get("test_accuracy")
+    return module, opened.path, accuracy

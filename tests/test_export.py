@@ -117,11 +117,24 @@ def test_a_re_export_keeps_the_mode_of_the_file_it_replaces(trained, tmp_path: P
     assert out.stat().st_mode & 0o777 == 0o600
 
 
-def test_export_of_a_bundled_model_or_an_export_says_what_is_possible(trained, capsys) -> None:
-    assert call(export_main, ["pretrained:94", "--format", "onnx", "--out", str(trained["root"] / "b.onnx")]) == 2
-    assert "already an export" in capsys.readouterr().err
-    assert call(export_main, [str(trained["onnx"]), "--format", "pt2", "--out", str(trained["root"] / "b.pt2")]) == 2
-    assert "not a training checkpoint" in capsys.readouterr().err
+def test_a_bundled_model_and_a_safetensors_export_export_to_graphs_with_their_views_and_temperature(trained, tmp_path: Path,
+                                                                                                     capsys) -> None:  # fmt: skip
+    out = tmp_path / "b.onnx"
+    assert call(export_main, ["pretrained:94", "--format", "onnx", "--out", str(out)]) == 2
+    assert "--data-dir" in one_error_line(capsys) and not out.exists()  # no run, no recorded data: the check asks
+    assert call(export_main, ["pretrained:94", "--format", "onnx", "--out", str(out), "--random-check"]) == 0
+    meta, bundled = json.loads((tmp_path / "b.onnx.json").read_text()), load_classifier("pretrained:94")
+    assert meta["tta_in_graph"] and meta["temperature_in_graph"] and meta["temperature"] == bundled.temperature
+    assert meta["test_accuracy"] is not None  # the bundled record's, for the same views
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(load_classifier(out).probabilities(x), bundled.probabilities(x), atol=1e-5)
+    # a safetensors export is a source too; a graph is not: its views and temperature are baked in
+    assert call(export_main, [str(trained["safetensors"]), "--format", "pt2", "--out", str(tmp_path / "s.pt2"),
+                              "--data-dir", str(trained["tree"])]) == 0  # fmt: skip
+    assert torch.allclose(load_classifier(tmp_path / "s.pt2").probabilities(x), load_classifier(trained["safetensors"]).probabilities(x),
+                          atol=1e-5)  # fmt: skip
+    assert call(export_main, [str(trained["onnx"]), "--format", "pt2", "--out", str(tmp_path / "g.pt2")]) == 2
+    assert "a graph export (onnx)" in one_error_line(capsys) and not (tmp_path / "g.pt2").exists()
 
 
 def test_an_export_check_never_falls_back_to_random_images_silently(run, tmp_path: Path, capsys) -> None:
