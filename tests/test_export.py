@@ -135,6 +135,14 @@ def test_a_bundled_model_and_a_safetensors_export_export_to_graphs_with_their_vi
                           atol=1e-5)  # fmt: skip
     assert call(export_main, [str(trained["onnx"]), "--format", "pt2", "--out", str(tmp_path / "g.pt2")]) == 2
     assert "a graph export (onnx)" in one_error_line(capsys) and not (tmp_path / "g.pt2").exists()
+    lone = tmp_path / "lone.safetensors"  # weights without their sidecar, then with another normalisation
+    shutil.copy(trained["safetensors"], lone)
+    assert call(export_main, [str(lone), "--format", "onnx", "--out", str(tmp_path / "l.onnx"), "--random-check"]) == 2
+    assert "lone.safetensors.json is missing" in one_error_line(capsys)
+    meta = json.loads(Path(f"{trained['safetensors']}.json").read_text())
+    (tmp_path / "lone.safetensors.json").write_text(json.dumps({**meta, "mean": [0.5, 0.5, 0.5]}))
+    assert call(export_main, [str(lone), "--format", "onnx", "--out", str(tmp_path / "l.onnx"), "--random-check"]) == 2
+    assert "another mean/std" in one_error_line(capsys) and not (tmp_path / "l.onnx").exists()
 
 
 def test_an_export_check_never_falls_back_to_random_images_silently(run, tmp_path: Path, capsys) -> None:
