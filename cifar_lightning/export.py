@@ -274,6 +274,8 @@ def source_module(spec: str | Path) -> tuple[ImageClassifier, Path, float | None
     try:
         kind = kind_of(spec)
     except ModelError:
+        if bundled.is_bundled(spec):
+            raise  # an unknown name: it lists the bundled ones
         kind = KINDS["checkpoint"]  # the checkpoint reader says what is wrong with it
     if kind.name == "checkpoint":
         return ImageClassifier.from_checkpoint(Path(spec)), Path(spec), known_test_accuracy(Path(spec))

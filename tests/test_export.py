@@ -122,6 +122,8 @@ def test_a_bundled_model_and_a_safetensors_export_export_to_graphs_with_their_vi
     out = tmp_path / "b.onnx"
     assert call(export_main, ["pretrained:94", "--format", "onnx", "--out", str(out)]) == 2
     assert "--data-dir" in one_error_line(capsys) and not out.exists()  # no run, no recorded data: the check asks
+    assert call(export_main, ["pretrained:nope", "--format", "onnx", "--out", str(out), "--random-check"]) == 2
+    assert "choose from pretrained:94" in one_error_line(capsys) and not out.exists()
     assert call(export_main, ["pretrained:94", "--format", "onnx", "--out", str(out), "--random-check"]) == 0
     meta, bundled = json.loads((tmp_path / "b.onnx.json").read_text()), load_classifier("pretrained:94")
     assert meta["tta_in_graph"] and meta["temperature_in_graph"] and meta["temperature"] == bundled.temperature
