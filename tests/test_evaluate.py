@@ -219,7 +219,7 @@ def test_out_that_is_or_contains_an_input_is_refused_even_with_overwrite(run, tm
     copy = tmp_path / "m.pt"
     shutil.copy(run["ckpt"], copy)
     assert call(export_main, [str(copy), "--format", "torchscript", "--out", str(copy), "--overwrite", "--data-dir", str(run["tree"])]) == 2
-    assert "would overwrite the checkpoint" in one_error_line(capsys)
+    assert "would overwrite the model it exports" in one_error_line(capsys)
     assert run["ckpt"].read_bytes() == before and copy.read_bytes() == before
     assert not (run["tree"] / "train" / "cat" / "r").exists()
 
