@@ -271,18 +271,17 @@ def source_module(spec: str | Path) -> tuple[ImageClassifier, Path, float | None
     run's checkpoint does. A graph export is refused: its views and temperature are inside it."""
     if not bundled.is_bundled(spec) and not Path(spec).is_file():
         raise CheckpointError(f"{spec}: no such checkpoint file")
+    path = bundled.resolve(spec)  # hash-checked once; an unknown name lists the bundled ones
     try:
-        kind = kind_of(spec)
+        kind = kind_of(path)
     except ModelError:
-        if bundled.is_bundled(spec):
-            raise  # an unknown name: it lists the bundled ones
         kind = KINDS["checkpoint"]  # the checkpoint reader says what is wrong with it
     if kind.name == "checkpoint":
-        return ImageClassifier.from_checkpoint(Path(spec)), Path(spec), known_test_accuracy(Path(spec))
+        return ImageClassifier.from_checkpoint(path), path, None  # None: metadata reads its run's accuracy
     if not kind.weights:
         raise ExportError(f"{spec}: a graph export ({kind.name}), its test-time views and temperature inside it; "
                           "export from the .ckpt that cifar-train wrote, a safetensors export or pretrained:NAME")  # fmt: skip
-    opened = open_model(spec)
+    opened = open_model(path)
     meta, args = opened.meta, dict(opened.meta.get("model_args") or {})
     if any(not torch.allclose(torch.tensor(meta.get(k) or v), torch.tensor(v)) for k, v in (("mean", MEAN), ("std", STD))):
         raise ExportError(f"{spec}: its sidecar normalises with another mean/std than this version's exports record")
