@@ -247,7 +247,7 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="[MODEL] PATH",
                    help="a model (a Lightning .ckpt, a cifar-export .safetensors or .pt2 with its .json, an .onnx, or pretrained:NAME), "
                    "then image files or folders; without a model, the bundled default classifies them")  # fmt: skip
-    p.add_argument("--top-k", type=_positive_int, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="classes shown per image; at most the model's (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of tables")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--accelerator", choices=ACCELERATORS, default="cpu")
@@ -282,7 +282,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-timeout", type=float, default=0.005, help="seconds a batch waits to fill (default 0.005)")
     p.add_argument("--workers", type=_positive_int, default=1, help="model workers per device (default 1)")
     p.add_argument("--accelerator", choices=("cpu", "cuda", "gpu", "mps", "auto"), default="cpu")
-    p.add_argument("--top-k", type=_positive_int, default=5, help="classes per answer unless the request says (default 5)")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="classes per answer unless asked; at most the model's (default 5)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads are refused unread (default 10)")
     _no_calibrate_flag(p)
     return p

@@ -51,6 +51,17 @@ def test_every_common_image_mode_and_size_is_predicted(trained, tmp_path: Path, 
         assert sum(t["probability"] for t in r["top_k"]) <= 1 + 1e-6
 
 
+def test_top_k_above_the_class_count_gives_every_class_once(trained, tmp_path: Path, capsys) -> None:
+    """--top-k is "at most": 11 on a 10-class model lists the 10, best first, summing to 1."""
+    img = tmp_path / "one.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    assert call(predict_main, [str(trained["onnx"]), str(img), "--json", "--top-k", "11"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    probs = [t["probability"] for t in r["top_k"]]
+    assert len({t["class"] for t in r["top_k"]}) == 10 and probs == sorted(probs, reverse=True)
+    assert sum(probs) == pytest.approx(1, abs=1e-5)
+
+
 def test_alpha_is_composited_over_white_and_16_bit_is_scaled() -> None:
     clear = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     assert (as_uint8_batch([clear]) == 255).all()
