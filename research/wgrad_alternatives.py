@@ -5,6 +5,7 @@ each gives the same gradient. Prints; asserts nothing (docs/BENCHMARKS.md, "The 
 
     python -m research.wgrad_alternatives            # about a minute on a 2-core CPU (with AMX)
     python -m research.wgrad_alternatives --precision 32-true   # the same in fp32 (a CPU without native bf16)
+    python -m research.wgrad_alternatives --network seed        # the seed network's shapes at batch 64
 
   oneDNN               aten.convolution_backward with only the weight gradient asked for
   batch-as-channels    the gradient as one forward convolution: input and output gradient with
@@ -23,7 +24,9 @@ import torch.nn.functional as F
 
 from benchmarks.harness import best_seconds, dtype_of, machine, precision_name
 
-SHAPES = [(24, 64, 31), (64, 64, 15), (64, 256, 15), (256, 256, 7), (256, 256, 3)]  # (in, out, side) of the 94 network
+#: network -> (batch, [(in, out, side) of each 3x3 convolution])
+SHAPES = {"94": (1024, [(24, 64, 31), (64, 64, 15), (64, 256, 15), (256, 256, 7), (256, 256, 3)]),
+          "seed": (64, [(3, 32, 32), (32, 32, 32), (32, 64, 16), (64, 64, 16)])}  # fmt: skip
 
 
 def best_ms(fn: Callable[[], object]) -> float:
@@ -56,11 +59,13 @@ def gemm_per_tap(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Ten
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--precision", default="bf16-mixed", choices=("bf16-mixed", "32-true"), help="the dtype the step computes in")
+    p.add_argument("--network", default="94", choices=sorted(SHAPES))
     args = p.parse_args()
     torch.manual_seed(0)
-    cl, batch, dtype = torch.channels_last, 1024, dtype_of(args.precision)
-    print(f"weight gradient, {precision_name(args.precision)}, batch {batch}, {machine()}: ms (relative error)")
-    for cin, cout, side in SHAPES:
+    batch, shapes = SHAPES[args.network]
+    cl, dtype = torch.channels_last, dtype_of(args.precision)
+    print(f"weight gradient, {args.network} network, {precision_name(args.precision)}, batch {batch}, {machine()}: ms (relative error)")
+    for cin, cout, side in shapes:
         x = torch.randn(batch, cin, side, side, dtype=dtype).contiguous(memory_format=cl)
         w = torch.randn(cout, cin, 3, 3, dtype=dtype).contiguous(memory_format=cl)
         g = torch.randn(batch, cout, side, side, dtype=dtype).contiguous(memory_format=cl)
