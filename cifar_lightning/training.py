@@ -422,7 +422,7 @@ _NOT_THE_RECIPE = {"data_dir", "data_source", "download", "num_workers", *SECTIO
 def long_run_hint(cfg: TrainConfig) -> str | None:
     """What a long run's estimate adds: the bundled model that is this very recipe, already
     trained (``bundled.trained``), else the next preset of the fast network that costs clearly
-    less. 93 (0.27 PFLOP) is no longer that for 94 (Muon, 0.276): both name 90."""
+    less. 93 (0.27 PFLOP) is no longer that for 94 (Muon, 0.265): both name 90."""
     done = bundled.trained(cfg.preset)
     if done:
         plain, mine = build_recipe({"preset": cfg.preset}).to_dict(), cfg.to_dict()

@@ -475,7 +475,7 @@ def test_the_time_left_after_a_resume_prices_steps_not_the_partial_epoch(monkeyp
 
 
 def test_a_long_run_names_a_preset_that_costs_clearly_less() -> None:
-    """93 costs about what the Muon 94 does (0.27 against 0.276 PFLOP): a long 94 run names 90."""
+    """93 costs about what the Muon 94 does (0.27 against 0.265 PFLOP): a long 94 run names 90."""
     names = {p: training.long_run_hint(recipes.build({"preset": p})) for p in ("96", "95", "94", "93", "90", "seed")}
     assert names == {p: f"for a quicker run try --preset {q}" for p, q in (("96", "95"), ("95", "94"), ("94", "90"), ("93", "90"))} | {
         "90": None, "seed": None}
