@@ -81,8 +81,8 @@ fi
 if [ "${ROUND:-1}" = 7 ]; then
     e7="--preset 94 --val-size 5000 --optimizer muon --epochs 7 --muon-lr 0.15 --warmup-fraction 0.1 --calibrate val"
     trust() { .venv/bin/python -m benchmarks.trust --data-dir "$data" --no-corruptions "$@"; }
-    field() {  # field KEY: the summary's mean of KEY over the seeds that ran, or "" if none
-        .venv/bin/python -c "import json,sys; s=json.load(open('docs/speed/muon_cpu/e7/summary.json'))['summary']['muon7_la_cal']; print(s['$1']['mean'])"
+    field() {  # field KEY: the summary's mean of KEY over the seeds that ran (nothing printed if absent: the gate then stops)
+        .venv/bin/python -c "import json; s=json.load(open('docs/speed/muon_cpu/e7/summary.json'))['summary']['muon7_la_cal']; print(s['$1']['mean'])"
     }
     trust --out docs/speed/muon_cpu/e7 --seeds 0 --variant "muon7_la_cal=$e7"
     awk -v v="$(field best_val_acc)" 'BEGIN { exit !(v >= 0.93) }' || { echo "e7: seed 0 below 93.00%: stop"; exit 0; }
